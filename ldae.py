@@ -1,0 +1,617 @@
+"""LDAE: Latent Diffusion Autoencoders for 3D brain MRI, every network and all the diffusion math.
+
+Reads top to bottom: building blocks, AutoencoderKL, Discriminator, UNet (with the gradient-estimator
+branch), SemanticEncoder, Diffusion (schedule, losses, DDIM), metrics shared by training and evaluation,
+then the named presets. "METHOD n" points to a section of METHOD.md, which holds the equations.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# ----------------------------------------------------------------------------------------------------
+# Building blocks (all 3D; every axis is down- and up-sampled alike)
+
+
+def group_norm(channels):
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+def conv3(cin, cout, stride=1):
+    return nn.Conv3d(cin, cout, 3, stride=stride, padding=1)
+
+
+def zero_init(module):
+    nn.init.zeros_(module.weight)
+    nn.init.zeros_(module.bias)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice with a 1x1 shortcut. Each conditioning vector adds one AdaGN
+    modulation after the second norm, h = h * (1 + scale) + shift, applied in order (METHOD 3, 4)."""
+
+    def __init__(self, cin, cout, cond_dims=(), dropout=0.0, zero_last=False):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(cin), conv3(cin, cout)
+        self.cond = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * cout)) for d in cond_dims)
+        self.norm2, self.dropout, self.conv2 = group_norm(cout), nn.Dropout(dropout), conv3(cout, cout)
+        if zero_last:  # the block starts as the identity (guided-diffusion's habit)
+            zero_init(self.conv2)
+        self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, conds=()):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.norm2(h)
+        for project, c in zip(self.cond, conds):
+            scale, shift = project(c)[:, :, None, None, None].chunk(2, dim=1)
+            h = h * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over every voxel of a feature map, with a residual connection."""
+
+    def __init__(self, channels, heads=1):
+        super().__init__()
+        self.heads = heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv3d(channels, 3 * channels, 1)
+        self.out = zero_init(nn.Conv3d(channels, channels, 1))
+
+    def forward(self, x, conds=()):
+        B, C = x.shape[:2]
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, -1)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, voxels, C / heads)
+        h = F.scaled_dot_product_attention(q, k, v)
+        return x + self.out(h.transpose(-1, -2).reshape(x.shape))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = conv3(channels, channels, stride=2)
+
+    def forward(self, x, conds=()):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = conv3(channels, channels)
+
+    def forward(self, x, conds=()):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of integer timesteps t (B,) -> (B, dim), as in the Transformer."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def run_blocks(blocks, h, use_checkpoint):
+    """Apply blocks in order; with use_checkpoint, recompute activations in backward to save memory."""
+    for block in blocks:
+        h = checkpoint(block, h, use_reentrant=False) if use_checkpoint and torch.is_grad_enabled() else block(h)
+    return h
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 1: 3D KL autoencoder and its patch discriminator (METHOD 2)
+
+
+class AutoencoderKL(nn.Module):
+    """x (B, 1, D, H, W) -> latent (B, latent_channels, D/f, H/f, W/f), f = 2^(levels-1); and back."""
+
+    def __init__(self, channels=(64, 128, 128, 128), latent_channels=3, blocks=2, checkpointing=False):
+        super().__init__()
+        self.checkpointing = checkpointing
+        encoder, ch = [conv3(1, channels[0])], channels[0]
+        for level, c in enumerate(channels):
+            for _ in range(blocks):
+                encoder.append(ResBlock(ch, c))
+                ch = c
+            if level < len(channels) - 1:
+                encoder.append(Downsample(ch))
+        encoder += [group_norm(ch), nn.SiLU(), conv3(ch, 2 * latent_channels)]
+        self.encoder = nn.ModuleList(encoder)
+        self.moments = nn.Conv3d(2 * latent_channels, 2 * latent_channels, 1)  # mean and log-variance heads
+
+        decoder = [conv3(latent_channels, ch)]
+        for level, c in reversed(list(enumerate(channels))):
+            for _ in range(blocks):
+                decoder.append(ResBlock(ch, c))
+                ch = c
+            if level > 0:
+                decoder.append(Upsample(ch))
+        decoder += [group_norm(ch), nn.SiLU(), conv3(ch, 1)]  # no output activation
+        self.decoder = nn.ModuleList(decoder)
+
+    def encode(self, x):
+        mean, logvar = self.moments(run_blocks(self.encoder, x, self.checkpointing)).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z):
+        return run_blocks(self.decoder, z, self.checkpointing)
+
+    def forward(self, x):
+        mean, logvar = self.encode(x)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)  # reparameterised sample
+        return self.decode(z), mean, logvar
+
+
+def kl_divergence(mean, logvar):
+    """KL(N(mean, var) || N(0, I)), summed over latent elements, averaged over the batch (METHOD 2)."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - logvar - 1).flatten(1).sum(1).mean()
+
+
+class Discriminator(nn.Module):
+    """3D PatchGAN: `layers` stride-2 convolutions (kernel 4), one stride-1, then a 1-channel patch head."""
+
+    def __init__(self, base=64, layers=3):
+        super().__init__()
+        net, ch = [nn.Conv3d(1, base, 4, stride=2, padding=1), nn.LeakyReLU(0.2)], base
+        for i in range(1, layers + 1):
+            out = base * 2 ** min(i, 3)
+            stride = 2 if i < layers else 1
+            net += [nn.Conv3d(ch, out, 4, stride=stride, padding=1), group_norm(out), nn.LeakyReLU(0.2)]
+            ch = out
+        net.append(nn.Conv3d(ch, 1, 4, stride=1, padding=1))
+        self.net = nn.Sequential(*net)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 2: latent UNet eps_theta(z_t, t) with the gradient estimator G_psi(z_t, t, y_sem) (METHOD 3, 4)
+
+
+class UpPath(nn.Module):
+    """Middle block, up path with skip connections, output head. The UNet owns two of them: one for
+    eps_theta (conditioned on time) and one for the gradient estimator (time, then y_sem)."""
+
+    def __init__(self, out_channels, base, mults, blocks, attention, heads, dropout, cond_dims, skips):
+        super().__init__()
+        ch = base * mults[-1]
+        block = lambda cin, cout: ResBlock(cin, cout, cond_dims, dropout, zero_last=True)
+        self.middle = nn.ModuleList([block(ch, ch), Attention(ch, heads), block(ch, ch)])
+        self.up = nn.ModuleList()
+        skips = list(skips)
+        for level in reversed(range(len(mults))):
+            factor = 2**level
+            for i in range(blocks + 1):
+                step = [block(ch + skips.pop(), base * mults[level])]
+                ch = base * mults[level]
+                if factor in attention:
+                    step.append(Attention(ch, heads))
+                if level > 0 and i == blocks:
+                    step.append(Upsample(ch))
+                self.up.append(nn.ModuleList(step))
+        self.head = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(conv3(ch, out_channels)))
+
+    def forward(self, h, skips, conds):
+        skips = list(skips)
+        for layer in self.middle:
+            h = layer(h, conds)
+        for step in self.up:
+            h = torch.cat([h, skips.pop()], dim=1)
+            for layer in step:
+                h = layer(h, conds)
+        return self.head(h)
+
+
+class UNet(nn.Module):
+    """Guided-diffusion-style 3D UNet. forward(z_t, t) -> (eps_theta, None);
+    forward(z_t, t, y_sem) -> (eps_theta, G_psi), both from one pass through the shared down path."""
+
+    def __init__(self, channels=3, base=256, mults=(1, 2, 3), blocks=2, attention=(2, 4), heads=1,
+                 dropout=0.1, y_dim=768):
+        super().__init__()
+        self.base, emb = base, 4 * base
+        self.time_embed = nn.Sequential(nn.Linear(base, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.input = conv3(channels, base)
+        self.down, skips, ch = nn.ModuleList(), [base], base
+        for level, mult in enumerate(mults):
+            for _ in range(blocks):
+                step = [ResBlock(ch, base * mult, (emb,), dropout, zero_last=True)]
+                ch = base * mult
+                if 2**level in attention:
+                    step.append(Attention(ch, heads))
+                self.down.append(nn.ModuleList(step))
+                skips.append(ch)
+            if level < len(mults) - 1:
+                self.down.append(nn.ModuleList([Downsample(ch)]))
+                skips.append(ch)
+        sizes = (channels, base, mults, blocks, attention, heads, dropout)
+        self.eps_path = UpPath(*sizes, cond_dims=(emb,), skips=skips)
+        self.y_embed = nn.Linear(y_dim, emb)
+        self.estimator = UpPath(*sizes, cond_dims=(emb, emb), skips=skips)  # head zero-initialised: G = 0
+        self.eps_frozen = False
+
+    def eps_theta_modules(self):
+        return [self.time_embed, self.input, self.down, self.eps_path]
+
+    def freeze_eps_theta(self):
+        """Stage 2b: the pre-trained eps_theta is fixed; only y_embed and the estimator train."""
+        for module in self.eps_theta_modules():
+            module.requires_grad_(False)
+        self.eps_frozen = True
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.eps_frozen:  # the frozen UNet stays in eval mode: no dropout (METHOD 4)
+            for module in self.eps_theta_modules():
+                module.eval()
+        return self
+
+    def forward(self, z, t, y_sem=None):
+        temb = self.time_embed(timestep_embedding(t, self.base))
+        h, skips = self.input(z), []
+        skips.append(h)
+        for step in self.down:
+            for layer in step:
+                h = layer(h, (temb,))
+            skips.append(h)
+        eps = self.eps_path(h, skips, (temb,))
+        if y_sem is None:
+            return eps, None
+        return eps, self.estimator(h, skips, (temb, self.y_embed(y_sem)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 2b: 2.5D semantic encoder x -> y_sem (METHOD 4), trained from scratch
+
+
+def position_encoding(n, dim, device):
+    """Sinusoidal encoding of slice positions 0..n-1 -> (n, dim)."""
+    return timestep_embedding(torch.arange(n, device=device), dim)
+
+
+class SliceCNN(nn.Module):
+    """Small 2D CNN shared by every axial slice: strided stages of conv-GN-SiLU, global average pool."""
+
+    def __init__(self, widths, out_dim):
+        super().__init__()
+        layers, ch = [], 1
+        for w in widths:
+            layers += [nn.Conv2d(ch, w, 3, stride=2, padding=1), nn.GroupNorm(math.gcd(32, w), w), nn.SiLU(),
+                       nn.Conv2d(w, w, 3, padding=1), nn.GroupNorm(math.gcd(32, w), w), nn.SiLU()]
+            ch = w
+        self.net = nn.Sequential(*layers)
+        self.proj = nn.Linear(ch, out_dim)
+
+    def forward(self, x):  # (N, 1, D, H) -> (N, out_dim)
+        return self.proj(self.net(x).mean(dim=(2, 3)))
+
+
+class SemanticEncoder(nn.Module):
+    """Image (B, 1, D, H, W) -> y_sem (B, y_dim). Slices are taken along the last (superior) axis."""
+
+    def __init__(self, y_dim=768, widths=(32, 64, 128, 256), heads=8, dropout=0.1):
+        super().__init__()
+        self.heads = heads
+        self.slice_cnn = SliceCNN(widths, y_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.pool_score = nn.Linear(y_dim, 1)
+        self.q, self.k, self.v, self.out = (nn.Linear(y_dim, y_dim) for _ in range(4))
+        self.norm = nn.LayerNorm(y_dim)
+
+    def forward(self, x):
+        B, _, D, H, W = x.shape
+        slices = x.permute(0, 4, 1, 2, 3).reshape(B * W, 1, D, H)
+        tokens = self.slice_cnn(slices).reshape(B, W, -1)  # (B, slices, y_dim)
+        tokens = self.dropout(tokens + position_encoding(W, tokens.shape[-1], x.device).to(tokens.dtype))
+        weights = torch.softmax(self.pool_score(tokens), dim=1)  # soft-attention pooling over slices
+        pooled = (weights * tokens).sum(dim=1, keepdim=True)  # (B, 1, y_dim): the query token
+        split = lambda u: u.reshape(B, u.shape[1], self.heads, -1).transpose(1, 2)  # (B, heads, n, d)
+        h = F.scaled_dot_product_attention(split(self.q(pooled)), split(self.k(tokens)), split(self.v(tokens)))
+        h = self.out(h.transpose(1, 2).reshape(B, 1, -1))
+        return self.norm(pooled + h).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Diffusion (METHOD 0, 3, 4, 5). Symbols, each a float64 tensor over t = 0..T-1:
+#   beta        linear from 1e-4 to 0.02           alpha      = 1 - beta
+#   abar        = prod_{i<=t} alpha_i              abar_prev  = abar_{t-1}, with abar_{-1} = 1
+#   snr         = abar / (1 - abar)                w          = snr^0.1 / (1 + snr)        stage-2b loss weight
+#   k           = -sqrt(alpha) (1 - abar_prev) / sqrt(1 - abar)                              stage-2b guidance
+
+
+def ddim_timesteps(steps, T=1000):
+    """tau = sorted(set(int(v) for v in linspace(0, T-1, steps+1))) (METHOD 5)."""
+    return sorted({int(v) for v in torch.linspace(0, T - 1, steps + 1, dtype=torch.float64).tolist()})
+
+
+class Diffusion:
+    def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02):
+        self.T = T
+        self.beta = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        self.alpha = 1 - self.beta
+        self.abar = torch.cumprod(self.alpha, dim=0)
+        self.abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.abar[:-1]])
+        self.snr = self.abar / (1 - self.abar)
+        self.w = self.snr**0.1 / (1 + self.snr)
+        self.k = -self.alpha.sqrt() * (1 - self.abar_prev) / (1 - self.abar).sqrt()
+
+    @staticmethod
+    def at(values, t, like):
+        """values[t] for a batch of timesteps, shaped to broadcast against `like` (B, ...)."""
+        return values.to(like.device)[t].to(torch.float32).reshape(-1, *([1] * (like.dim() - 1)))
+
+    def q_sample(self, z0, t, eps):
+        """z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps (METHOD 0)."""
+        return self.at(self.abar.sqrt(), t, z0) * z0 + self.at((1 - self.abar).sqrt(), t, z0) * eps
+
+    def noised(self, z0):
+        t = torch.randint(0, self.T, (z0.shape[0],), device=z0.device)
+        eps = torch.randn_like(z0)
+        return t, eps, self.q_sample(z0, t, eps)
+
+    def pretrain_loss(self, unet, z0):
+        """Stage 2a: mean((eps - eps_theta(z_t, t))^2), t uniform (METHOD 3)."""
+        t, eps, z_t = self.noised(z0)
+        eps_theta, _ = unet(z_t, t)
+        return F.mse_loss(eps_theta.float(), eps)
+
+    def repr_loss(self, unet, encoder, z0, x):
+        """Stage 2b: mean(w_t (eps - eps_theta - k_t G_psi)^2) with eps_theta frozen (METHOD 4)."""
+        y_sem = encoder(x)
+        t, eps, z_t = self.noised(z0)
+        eps_theta, g = unet(z_t, t, y_sem)
+        eps_hat = eps_theta.float() + self.at(self.k, t, z0) * g.float()
+        return (self.at(self.w, t, z0) * (eps - eps_hat) ** 2).mean()
+
+    def ddim_step(self, unet, z, t, t_next, y_sem=None, clip_z0=None):
+        """One deterministic DDIM move of z from timestep t to t_next (either direction; t_next = -1 is the
+        clean latent). With y_sem, eps_hat = eps_theta - sqrt(1 - abar_t) G (METHOD 5)."""
+        tt = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
+        eps, g = unet(z, tt, y_sem)
+        abar = self.abar[t].item()
+        abar_next = self.abar[t_next].item() if t_next >= 0 else 1.0
+        eps = eps.float() if g is None else eps.float() - math.sqrt(1 - abar) * g.float()
+        z0 = (z - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+        if clip_z0 is not None:
+            z0 = z0.clamp(-clip_z0, clip_z0)
+        eps = (z - math.sqrt(abar) * z0) / math.sqrt(1 - abar)  # re-derived from z0 (differs only if clipped)
+        return math.sqrt(abar_next) * z0 + math.sqrt(1 - abar_next) * eps
+
+    @torch.no_grad()
+    def ddim_sample(self, unet, z_T, y_sem=None, steps=100, clip_z0=None):
+        """Decode: z_T at t = T-1 down the DDIM sub-sequence to t = 0 (steps network calls)."""
+        tau, z = ddim_timesteps(steps, self.T), z_T.float()
+        for t, t_next in zip(tau[::-1], tau[-2::-1]):
+            z = self.ddim_step(unet, z, t, t_next, y_sem, clip_z0)
+        return z
+
+    @torch.no_grad()
+    def ddim_encode(self, unet, z0, y_sem=None, steps=100):
+        """Inversion: the same update run upwards from the clean latent (first call at t = 0) to t = T-1."""
+        tau, z = ddim_timesteps(steps, self.T), z0.float()
+        for t, t_next in zip(tau[:-1], tau[1:]):
+            z = self.ddim_step(unet, z, t, t_next, y_sem)
+        return z
+
+
+def lerp(a, b, alpha):
+    return (1 - alpha) * a + alpha * b
+
+
+def slerp(a, b, alpha):
+    """Spherical interpolation of two batches of noise tensors; the angle from their flattened cosine."""
+    fa, fb = a.flatten(1).double(), b.flatten(1).double()
+    cos = (fa * fb).sum(1) / (fa.norm(dim=1) * fb.norm(dim=1))
+    theta = torch.arccos(cos.clamp(-1, 1))[:, None]
+    sin = torch.sin(theta).clamp_min(1e-8)
+    out = torch.where(theta > 1e-4, (torch.sin((1 - alpha) * theta) * fa + torch.sin(alpha * theta) * fb) / sin,
+                      lerp(fa, fb, alpha))
+    return out.to(a.dtype).reshape(a.shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3D SSIM: the structural term of the stage-1 loss and the reconstruction metric (METHOD 6)
+
+
+def gaussian_window(size, sigma):
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return (g / g.sum()).float()
+
+
+def ssim3d(x, y, data_range=1.0, size=7, sigma=1.5, mask=None):
+    """Mean SSIM per volume (B,) of x, y (B, 1, D, H, W): Gaussian window, valid convolution,
+    k1 = 0.01, k2 = 0.03. With a mask (B, 1, D, H, W), averaged over the masked voxels only."""
+    g = gaussian_window(size, sigma).to(x.device)
+    x, y = x.float(), y.float()
+
+    def blur(u):  # separable Gaussian, valid region only
+        for axis in range(3):
+            shape = [1, 1, 1, 1, 1]
+            shape[2 + axis] = size
+            u = F.conv3d(u, g.reshape(shape))
+        return u
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    ssim_map = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    if mask is None:
+        return ssim_map.flatten(1).mean(1)
+    m = mask.float()[..., size // 2:, size // 2:, size // 2:][..., :ssim_map.shape[2], :ssim_map.shape[3], :ssim_map.shape[4]]
+    return (ssim_map * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Presets: every size in one place. `tiny` is for tests (seconds), `cpu` for the demo on 2 cores,
+# `paper` for a CUDA GPU (1x128x160x128 at 1.5 mm -> 3x16x20x16).
+
+
+@dataclass(frozen=True)
+class Preset:
+    image_shape: tuple  # (D, H, W) voxels in RAS order
+    spacing: float  # mm; the grid covers image_shape * spacing
+    ae_channels: tuple
+    ae_blocks: int
+    latent_channels: int
+    disc_channels: int
+    disc_layers: int
+    unet_base: int
+    unet_mults: tuple
+    unet_blocks: int
+    unet_attention: tuple  # downsample factors with self-attention
+    unet_heads: int
+    dropout: float
+    y_dim: int
+    encoder_widths: tuple
+    encoder_heads: int
+
+    @property
+    def latent_shape(self):
+        f = 2 ** (len(self.ae_channels) - 1)
+        return (self.latent_channels, *(s // f for s in self.image_shape))
+
+    def autoencoder(self, checkpointing=False):
+        return AutoencoderKL(self.ae_channels, self.latent_channels, self.ae_blocks, checkpointing)
+
+    def discriminator(self):
+        return Discriminator(self.disc_channels, self.disc_layers)
+
+    def unet(self):
+        return UNet(self.latent_channels, self.unet_base, self.unet_mults, self.unet_blocks, self.unet_attention,
+                    self.unet_heads, self.dropout, self.y_dim)
+
+    def encoder(self):
+        return SemanticEncoder(self.y_dim, self.encoder_widths, self.encoder_heads, self.dropout)
+
+
+PRESETS = {
+    "tiny": Preset(image_shape=(16, 20, 16), spacing=12.0, ae_channels=(8, 16), ae_blocks=1, latent_channels=3,
+                   disc_channels=8, disc_layers=1, unet_base=16, unet_mults=(1, 2), unet_blocks=1,
+                   unet_attention=(2,), unet_heads=1, dropout=0.0, y_dim=16, encoder_widths=(8, 16),
+                   encoder_heads=2),
+    "cpu": Preset(image_shape=(48, 64, 48), spacing=3.5, ae_channels=(16, 32, 64), ae_blocks=1, latent_channels=3,
+                  disc_channels=16, disc_layers=3, unet_base=64, unet_mults=(1, 2, 2), unet_blocks=1,
+                  unet_attention=(4,), unet_heads=1, dropout=0.0, y_dim=128, encoder_widths=(16, 32, 64, 128),
+                  encoder_heads=8),
+    "paper": Preset(image_shape=(128, 160, 128), spacing=1.5, ae_channels=(64, 128, 128, 128), ae_blocks=2,
+                    latent_channels=3, disc_channels=64, disc_layers=3, unet_base=256, unet_mults=(1, 2, 3),
+                    unet_blocks=2, unet_attention=(2, 4), unet_heads=1, dropout=0.1, y_dim=768,
+                    encoder_widths=(64, 128, 256, 512), encoder_heads=8),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run plumbing shared by the scripts: config flags, devices and processes, EMA, safe checkpoints
+
+
+def parse_config(config_class, argv=None):
+    """argparse generated from a dataclass: each field is a flag (--batch-size for batch_size)."""
+    import argparse
+    import dataclasses
+
+    parser = argparse.ArgumentParser(description=config_class.__doc__)
+    for f in dataclasses.fields(config_class):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
+    return config_class(**vars(parser.parse_args(argv)))
+
+
+def setup_process():
+    """(rank, world_size, device). Under torchrun, joins the process group (nccl on CUDA, gloo on CPU)."""
+    import os
+
+    import torch.distributed as dist
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def autocast(device, amp):
+    """amp: 'auto' (bfloat16 on CUDA when supported, else float16; off on CPU), 'bf16', 'fp16' or 'off'."""
+    if amp == "auto":
+        amp = "off" if device.type == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if amp not in ("bf16", "fp16", "off"):
+        raise ValueError(f"--amp {amp!r}: choose auto, bf16, fp16 or off")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype, enabled=amp != "off"), amp == "fp16"
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def step_seed(seed, step, rank):
+    """All randomness of a training step comes from (seed, step, rank): resuming at any step is exact,
+    whatever ran before it, so no RNG state needs to travel in the checkpoint."""
+    torch.manual_seed(seed * 1_000_003 + step * 1_009 + rank)
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save_checkpoint(state, path):
+    """Write to a temporary file, fsync, then rename: a kill at any moment leaves the previous checkpoint
+    whole. The one it replaces is kept as NAME.prev.pt, so the last two are always there."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            os.replace(path, path.with_suffix(".prev.pt"))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: could not save the checkpoint ({e.strerror or e}); the previous one is "
+                              f"unchanged. Free disk space or choose a writable --out.") from e
+
+
+def load_checkpoint(path, fallback=False):
+    """Load with weights_only=True (a crafted file cannot run code). With fallback, a damaged file is
+    replaced by NAME.prev.pt, and the message says so."""
+    from pathlib import Path
+
+    path = Path(path)
+    candidates = [path, path.with_suffix(".prev.pt")] if fallback else [path]
+    problems = []
+    for candidate in candidates:
+        if not candidate.exists():
+            problems.append(f"{candidate}: not found")
+            continue
+        try:
+            state = torch.load(candidate, map_location="cpu", weights_only=True)
+            if candidate != path:
+                print(f"warning: {problems[-1]}; resuming from the previous checkpoint {candidate}")
+            return state
+        except Exception as e:  # truncated zip, bad pickle, or a pickle that tries to run code
+            problems.append(f"{candidate}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    raise CheckpointError("; ".join(problems) + ". Re-run the stage that writes it, or copy a good checkpoint there.")

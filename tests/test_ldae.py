@@ -1,0 +1,138 @@
+import math
+
+import pytest
+import torch
+
+import ldae
+
+
+@pytest.mark.parametrize("name", ["tiny", "cpu", "paper"])
+def test_every_module_has_the_preset_shapes(name):
+    p = ldae.PRESETS[name]
+    with torch.device("meta" if name == "paper" else "cpu"):  # paper-size tensors cost nothing on meta
+        ae, disc, unet, enc = p.autoencoder(), p.discriminator(), p.unet(), p.encoder()
+        x = torch.rand(2, 1, *p.image_shape)
+        mean, logvar = ae.encode(x)
+        assert tuple(mean.shape[1:]) == p.latent_shape and logvar.shape == mean.shape
+        assert ae.decode(mean).shape == x.shape
+        assert disc(x).shape[:2] == (2, 1)
+        y_sem = enc(x)
+        assert y_sem.shape == (2, p.y_dim)
+        eps, g = unet(mean, torch.tensor([0, 999]), y_sem)
+        assert eps.shape == mean.shape and g.shape == mean.shape
+
+
+def test_paper_latent_is_3x16x20x16():
+    assert ldae.PRESETS["paper"].latent_shape == (3, 16, 20, 16)
+
+
+def test_schedule_constants_match_float64_formulas():
+    d = ldae.Diffusion()
+    abar_999 = math.prod(1 - (1e-4 + (0.02 - 1e-4) * i / 999) for i in range(1000))
+    assert abar_999 == pytest.approx(4.04e-5, rel=0.01)
+    assert d.abar[999].item() == pytest.approx(abar_999, rel=1e-9)
+    for t in (0, 1, 475, 999):
+        abar = math.prod(1 - (1e-4 + (0.02 - 1e-4) * i / 999) for i in range(t + 1))
+        abar_prev = abar / (1 - (1e-4 + (0.02 - 1e-4) * t / 999))
+        alpha = 1 - (1e-4 + (0.02 - 1e-4) * t / 999)
+        snr = abar / (1 - abar)
+        assert d.k[t].item() == pytest.approx(-math.sqrt(alpha) * (1 - abar_prev) / math.sqrt(1 - abar), abs=1e-12)
+        assert d.w[t].item() == pytest.approx(snr**0.1 / (1 + snr), rel=1e-9)
+    assert d.k[0].item() == 0.0  # abar_{-1} = 1
+    assert 0.70 < d.w.max().item() < 0.74 and 440 < d.w.argmax().item() < 510  # METHOD 4: peak ~0.72 near 475
+
+
+def test_ddim_timesteps_follow_the_linspace_rule():
+    assert ldae.ddim_timesteps(10) == [0, 99, 199, 299, 399, 499, 599, 699, 799, 899, 999]
+    assert len(ldae.ddim_timesteps(100)) == 101
+
+
+def _trained_free_unet(with_estimator_noise):
+    torch.manual_seed(0)
+    unet = ldae.PRESETS["tiny"].unet().eval()
+    with torch.no_grad():  # zero-initialised layers would make eps = 0; give every weight a value
+        for p in unet.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    if not with_estimator_noise:
+        for p in unet.estimator.parameters():
+            p.zero_()
+    return unet
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_ddim_encode_then_decode_returns_input(guided):
+    unet, d = _trained_free_unet(True), ldae.Diffusion()
+    z0 = torch.randn(2, *ldae.PRESETS["tiny"].latent_shape)
+    y_sem = torch.randn(2, 16) if guided else None
+    z_T = d.ddim_encode(unet, z0, y_sem, steps=100)
+    moved = (z_T - z0).abs().mean()
+    assert moved > 0.1  # the latent really travelled to t = 999
+    back = d.ddim_sample(unet, z_T, y_sem, steps=100)
+    assert (back - z0).abs().mean() < 0.05 * moved
+
+
+def test_estimator_starts_at_zero_so_eps_hat_equals_eps_theta():
+    p = ldae.PRESETS["tiny"]
+    unet = p.unet()
+    with torch.no_grad():
+        for q in unet.parameters():  # any eps_theta, but the estimator's head keeps its zero init
+            if q is not unet.estimator.head[-1].weight and q is not unet.estimator.head[-1].bias:
+                q.add_(torch.randn_like(q) * 0.05)
+    z, t = torch.randn(2, *p.latent_shape), torch.tensor([3, 700])
+    eps, g = unet(z, t, torch.randn(2, p.y_dim))
+    assert eps.abs().max() > 0 and torch.equal(g, torch.zeros_like(g))
+
+
+def test_stage_2b_step_moves_only_the_estimator_and_encoder():
+    torch.manual_seed(0)
+    p, d = ldae.PRESETS["tiny"], ldae.Diffusion()
+    unet, enc = p.unet(), p.encoder()
+    unet.freeze_eps_theta()
+    unet.train()
+    assert not unet.down.training and unet.estimator.training
+    frozen = {k: v.clone() for k, v in unet.state_dict().items() if not k.startswith(("estimator", "y_embed"))}
+    trainable = [q for q in unet.parameters() if q.requires_grad] + list(enc.parameters())
+    head_before = unet.estimator.head[-1].weight.clone()
+    opt = torch.optim.Adam(trainable, lr=1e-3)
+    x, z0 = torch.rand(2, 1, *p.image_shape), torch.randn(2, *p.latent_shape)
+    d.repr_loss(unet, enc, z0, x).backward()
+    opt.step()
+    after = unet.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in frozen.items())
+    assert not torch.equal(head_before, unet.estimator.head[-1].weight)
+
+
+def test_bfloat16_autocast_forward_is_finite():
+    p = ldae.PRESETS["tiny"]
+    ae, unet, enc = p.autoencoder(), p.unet(), p.encoder()
+    x = torch.rand(1, 1, *p.image_shape)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_hat, mean, _ = ae(x)
+        eps, g = unet(mean, torch.tensor([10]), enc(x))
+    assert all(torch.isfinite(v.float()).all() for v in (x_hat, eps, g))
+
+
+def test_ssim_is_one_for_identical_and_drops_with_noise():
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 16, 16, 16)
+    assert torch.allclose(ldae.ssim3d(x, x), torch.ones(2))
+    noisy = ldae.ssim3d(x, (x + 0.3 * torch.randn_like(x)).clamp(0, 1))
+    assert (noisy < 0.9).all()
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    mask[..., 4:12, 4:12, 4:12] = True
+    assert torch.allclose(ldae.ssim3d(x, x, mask=mask), torch.ones(2))
+
+
+def test_ssim_matches_the_formula_on_a_constant_shift():
+    # Two constant volumes a, b: every window has zero variance, so SSIM = (2ab + c1) / (a^2 + b^2 + c1).
+    a, b, c1 = 0.5, 0.3, 0.01**2
+    x, y = torch.full((1, 1, 9, 9, 9), a), torch.full((1, 1, 9, 9, 9), b)
+    assert ldae.ssim3d(x, y).item() == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), rel=1e-5)
+
+
+def test_slerp_keeps_the_norm_of_orthogonal_unit_vectors_and_hits_the_ends():
+    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    mid = ldae.slerp(a, b, 0.5)
+    assert torch.allclose(mid, torch.tensor([[0.5**0.5, 0.5**0.5]]), atol=1e-6)
+    assert torch.allclose(ldae.slerp(a, b, 0.0), a) and torch.allclose(ldae.slerp(a, b, 1.0), b, atol=1e-6)
+    assert torch.allclose(ldae.lerp(a, b, 0.25), torch.tensor([[0.75, 0.25]]))

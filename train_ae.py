@@ -1,0 +1,212 @@
+"""Stage 1: train the 3D KL autoencoder (METHOD 2), then measure the latent scale and cache every latent.
+
+    python train_ae.py [--data DIR] [--preset tiny|cpu|paper] [--out runs]      # writes runs/ae.pt
+    torchrun --nproc_per_node=N train_ae.py ...                                   # same script, N processes
+
+Loss: L1 + kl_weight * KL + ssim_weight * (1 - 3D SSIM) + adv_weight * least-squares GAN after a warm-up.
+The structural term is 3D SSIM because the paper's LPIPS needs pretrained weights we cannot ship.
+"""
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # huge pages: large 3D activations without page-fault storms
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import ldae
+
+
+@dataclass
+class Config:
+    """Train the LDAE autoencoder (stage 1)."""
+    data: str = ""  # folder with participants.csv or a BIDS layout; empty: the built-in demo cohort
+    csv: str = ""  # a table elsewhere than DATA/participants.csv
+    preset: str = "cpu"
+    out: str = "runs"
+    epochs: int = 3
+    steps: int = 0  # optimiser steps; 0: from epochs
+    batch_size: int = 1
+    accumulate: int = 1  # micro-batches per optimiser step
+    lr: float = 3e-4  # METHOD 2 uses 5e-5 to fine-tune a pretrained model; from scratch needs more
+    lr_d: float = 1e-4
+    kl_weight: float = 1e-7
+    ssim_weight: float = 0.2
+    adv_weight: float = 0.025
+    adv_start: float = 0.5  # fraction of the steps trained before the adversarial term switches on
+    clip: float = 1.0
+    amp: str = "auto"  # auto | bf16 | fp16 | off
+    checkpointing: bool = False  # recompute activations in backward (paper preset in < 24 GB)
+    clip_percentile: float = 0.0  # 0: min-max scaling as the paper; p: clip to [p, 100-p] percentiles first
+    split_seed: int = 42
+    seed: int = 0
+    save_every: int = 200
+    skip_bad: bool = False
+    resume: bool = False
+
+
+def evaluate_ae(ae, images, indices, device):
+    """Validation SSIM and MSE of mean-latent reconstructions."""
+    ae.eval()
+    ssims, mses = [], []
+    with torch.no_grad():
+        for i in indices:
+            x = torch.tensor(images[i][None]).to(device)
+            x_hat = ae.decode(ae.encode(x)[0]).float()
+            ssims.append(ldae.ssim3d(x_hat, x).item())
+            mses.append(F.mse_loss(x_hat, x).item())
+    ae.train()
+    return sum(ssims) / len(ssims), sum(mses) / len(mses)
+
+
+def main(cfg):
+    rank, world, device = ldae.setup_process()
+    run = Path(cfg.out)
+    ckpt_path = run / "ae.pt"
+    if rank == 0:
+        print(json.dumps(asdict(cfg), indent=1))
+    if cfg.preset not in ldae.PRESETS:
+        raise SystemExit(f"--preset {cfg.preset!r}: choose one of {', '.join(ldae.PRESETS)}")
+    state = None
+    if cfg.resume and (ckpt_path.exists() or ckpt_path.with_suffix(".prev.pt").exists()):
+        state = ldae.load_checkpoint(ckpt_path, fallback=True)
+        cfg = Config(**{**state["config"], "resume": True, "steps": cfg.steps or state["config"]["steps"]})
+    elif ckpt_path.exists() and not cfg.resume:
+        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or --out NEW_FOLDER for a new run")
+    preset = ldae.PRESETS[cfg.preset]
+
+    folder = Path(cfg.data) if cfg.data else data.ensure_demo()
+    rows, images = data.load_cohort(folder, cfg.csv, preset, run, cfg.clip_percentile, cfg.skip_bad)
+    split = state["split"] if state else data.make_split(rows, seed=cfg.split_seed)
+    if rank == 0:
+        data.save_split(run / "split.json", split)
+    train_idx = [i for i, r in enumerate(rows) if split.get(r["subject"]) == "train"]
+    val_idx = [i for i, r in enumerate(rows) if split.get(r["subject"]) == "val"][:16]
+    per_step = cfg.batch_size * cfg.accumulate * world
+    steps_per_epoch = max(1, len(train_idx) // per_step)
+    total = cfg.steps or cfg.epochs * steps_per_epoch
+
+    torch.manual_seed(cfg.seed)
+    ae = preset.autoencoder(cfg.checkpointing).to(device)
+    disc = preset.discriminator().to(device)
+    opt = torch.optim.Adam(ae.parameters(), lr=cfg.lr)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr_d)
+    amp_ctx, fp16 = ldae.autocast(device, cfg.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+    step = 0
+    if state:
+        ae.load_state_dict(state["model"])
+        disc.load_state_dict(state["discriminator"])
+        opt.load_state_dict(state["optimizer"])
+        opt_d.load_state_dict(state["optimizer_d"])
+        scaler.load_state_dict(state["scaler"])
+        step = state["step"]
+    model = torch.nn.parallel.DistributedDataParallel(ae) if world > 1 else ae
+    adv_start = int(cfg.adv_start * total)
+
+    def checkpoint(extra=None):
+        if rank == 0:
+            ldae.save_checkpoint({"model": ae.state_dict(), "discriminator": disc.state_dict(),
+                                  "optimizer": opt.state_dict(), "optimizer_d": opt_d.state_dict(),
+                                  "scaler": scaler.state_dict(), "step": step, "config": asdict(cfg),
+                                  "data_dir": str(folder), "split": split, **(extra or {})}, ckpt_path)
+
+    stop = []  # Ctrl-C or SIGTERM end the current step, then save and exit
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _: stop.append(signal.Signals(signum).name))
+    bar = tqdm(total=total, initial=step, desc="stage 1 autoencoder", disable=rank != 0)
+    t0 = time.time()
+    while step < total and not stop:
+        ldae.step_seed(cfg.seed, step, rank)
+        epoch, k = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        batch_ids = order[k * per_step:(k + 1) * per_step][rank::world].tolist()
+        losses, adversarial = {}, step >= adv_start
+        for micro in range(cfg.accumulate):
+            ids = [train_idx[i] for i in batch_ids[micro * cfg.batch_size:(micro + 1) * cfg.batch_size]]
+            x = torch.tensor(images[ids]).to(device)
+            with amp_ctx:
+                x_hat, mean, logvar = model(x)
+                x_hat = x_hat.float()
+                parts = {"l1": (x_hat - x).abs().mean(), "kl": ldae.kl_divergence(mean.float(), logvar.float()),
+                         "ssim": 1 - ldae.ssim3d(x_hat, x).mean()}
+                loss = parts["l1"] + cfg.kl_weight * parts["kl"] + cfg.ssim_weight * parts["ssim"]
+                if adversarial:  # generator term; the discriminator is frozen for it (METHOD 2)
+                    disc.requires_grad_(False)
+                    parts["g_adv"] = (disc(x_hat).float() - 1).pow(2).mean()
+                    disc.requires_grad_(True)
+                    loss = loss + cfg.adv_weight * parts["g_adv"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}: the last good checkpoint "
+                                         f"{ckpt_path} is kept; lower --lr or use --amp off")
+            scaler.scale(loss / cfg.accumulate).backward()
+            if adversarial:
+                with amp_ctx:
+                    d_loss = 0.5 * (disc(x_hat.detach()).float().pow(2).mean()
+                                    + (disc(x).float() - 1).pow(2).mean())
+                (d_loss / cfg.accumulate).backward()
+                parts["d"] = d_loss
+            for name, v in parts.items():
+                losses[name] = losses.get(name, 0.0) + v.item() / cfg.accumulate
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(ae.parameters(), cfg.clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if adversarial:
+            if world > 1:  # the discriminator is not wrapped in DDP: average its gradients by hand
+                for p in disc.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.clip)
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items() if k != "kl"})
+        if step % steps_per_epoch == 0 and rank == 0 and val_idx:
+            ssim, mse = evaluate_ae(ae, images, val_idx, device)
+            bar.write(f"epoch {step // steps_per_epoch}: validation SSIM {ssim:.4f}  MSE {mse:.5f}")
+        if step % cfg.save_every == 0:
+            checkpoint()
+    bar.close()
+    if stop:
+        checkpoint()
+        print(f"{stop[0]}: saved {ckpt_path} at step {step}; continue with --resume")
+        return
+    if rank == 0:
+        print(f"trained {total} steps in {time.time() - t0:.0f} s")
+        ssim, mse = evaluate_ae(ae, images, val_idx, device) if val_idx else (float("nan"), float("nan"))
+        latent_scale = finish(ae, images, rows, train_idx, run, device)
+        checkpoint({"latent_scale": latent_scale, "val_ssim": ssim, "val_mse": mse})
+        print(f"wrote {ckpt_path}: validation SSIM {ssim:.4f}, MSE {mse:.5f}, latent scale {latent_scale:.4f}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@torch.no_grad()
+def finish(ae, images, rows, train_idx, run, device):
+    """Encode every scan once (the posterior mean: the cleaner choice, METHOD 1), set the latent scale
+    s = 1 / std of the training latents, and cache the scaled latents for stage 2."""
+    ae.eval()
+    means = torch.cat([ae.encode(torch.tensor(images[i][None]).to(device))[0].float().cpu()
+                       for i in tqdm(range(len(rows)), desc="caching latents")])
+    latent_scale = 1.0 / means[train_idx].std().item()
+    data.save_latents(run / "latents.pt", means * latent_scale, ae.state_dict())
+    return latent_scale
+
+
+if __name__ == "__main__":
+    try:
+        main(ldae.parse_config(Config))
+    except (data.DataError, ldae.CheckpointError, FloatingPointError) as e:
+        raise SystemExit(f"error: {e}")
