@@ -323,8 +323,13 @@ def build_image_cache(rows, shape, spacing, path, clip_percentile=None):
     temp = path.with_name(path.name + ".tmp")
     # open_memmap writes straight to disk, so paper-size cohorts need not fit in RAM.
     images = np.lib.format.open_memmap(temp, mode="w+", dtype=np.float32, shape=(len(rows), 1, *shape))
-    for i, row in enumerate(tqdm(rows, desc=f"caching scans at {spacing} mm")):
-        images[i, 0] = load_scan(row["path"], shape, spacing, clip_percentile)[0]
+    try:
+        for i, row in enumerate(tqdm(rows, desc=f"caching scans at {spacing} mm")):
+            images[i, 0] = load_scan(row["path"], shape, spacing, clip_percentile)[0]
+    except BaseException:
+        del images
+        temp.unlink(missing_ok=True)  # a scan that cannot be cached leaves no half-written cache behind
+        raise
     images.flush()
     del images
     # The sidecar goes last: a crash in between leaves no sidecar, hence a rebuild, never a stale cache.

@@ -1,13 +1,31 @@
 """Evaluate a trained LDAE run: probes, reconstruction, manipulation, interpolation, variations, throughput.
 
+    python evaluate.py --task ad|age|reconstruct|manipulate|interpolate|variations|throughput [--out runs]
+
+Reads runs/ae.pt and runs/ldae.pt (EMA encoder and UNet), scores the run's test split, prints a table
+and writes runs/eval/TASK.json (NIfTI and PNG outputs under runs/eval/TASK/).
+
 The first part holds the metrics and the linear probes (METHOD.md section 6) as plain
 functions on torch tensors; the evaluation tasks that use them follow below it.
 Probes run in float64: the inputs are cast there, whatever dtype the caller passes.
 """
+import json
 import math
+import struct
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import ldae
 
 # -----------------------------------------------------------------------------
 # Metrics and linear probes (METHOD.md section 6)
@@ -66,31 +84,42 @@ def logistic_objective(X, y, w, b, l2):
     return F.binary_cross_entropy_with_logits(logits, y) + l2 / (2 * len(y)) * w.square().sum()
 
 
-def fit_logistic(X, y, l2=1.0, max_rounds=20, grad_tol=1e-7):
-    """Fit logistic regression with L-BFGS (strong Wolfe line search) to convergence. Returns (w, b)."""
+def fit_logistic(X, y, l2=1.0, max_iter=100, grad_tol=1e-7):
+    """Fit L2-regularised logistic regression (logistic_objective) by Newton's method. Returns (w, b).
+
+    The gradient X^T (p - y) / n + l2 / n w vanishes only for w in the row space of X, so w = V^T c with
+    V (r, d) the right singular vectors of X, r <= min(n, d), and Newton runs on (c, b): an (r + 1)-square
+    system. Newton, unlike a line-search method, needs no loss comparisons near the optimum, where they
+    drown in float64 rounding when the features are correlated (large Hessian eigenvalues).
+    """
+    if l2 <= 0:
+        raise ValueError(f"fit_logistic needs l2 > 0, got {l2}")
     X, y = X.double(), y.double().flatten()
-    params = torch.zeros(X.shape[1] + 1, dtype=torch.float64, requires_grad=True)  # (d + 1,) = [w, b]
-    optimizer = torch.optim.LBFGS([params], lr=1.0, max_iter=500, history_size=20,
-                                  tolerance_grad=grad_tol / 100, tolerance_change=1e-15,
-                                  line_search_fn="strong_wolfe")
+    n = len(y)
+    _, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    Z = torch.cat([X @ Vh.T, torch.ones(n, 1, dtype=X.dtype)], dim=1)  # (n, r + 1): reduced features, bias
+    penalty = torch.full((Z.shape[1],), l2 / n, dtype=X.dtype)
+    penalty[-1] = 0.0  # the intercept is not penalised
+    theta = torch.zeros(Z.shape[1], dtype=X.dtype)  # [c, b]
 
-    def closure():
-        optimizer.zero_grad()
-        loss = logistic_objective(X, y, params[:-1], params[-1], l2)
-        loss.backward()
-        return loss
+    def loss(theta):
+        return float(F.binary_cross_entropy_with_logits(Z @ theta, y) + 0.5 * (penalty * theta.square()).sum())
 
-    # One LBFGS step runs up to max_iter iterations; restart it until the gradient vanishes.
-    for _ in range(max_rounds):
-        optimizer.step(closure)
-        closure()  # gradient at the final point (the line search may have evaluated elsewhere last)
-        if params.grad.abs().max() <= grad_tol:
+    for _ in range(max_iter):
+        p = torch.sigmoid(Z @ theta)
+        grad = Z.T @ (p - y) / n + penalty * theta
+        if grad.abs().max() <= grad_tol:
             break
+        hessian = (Z.T * (p * (1 - p))) @ Z / n + torch.diag(penalty)
+        hessian.diagonal().add_(1e-12)  # keeps the solve defined when every p saturates; fixed point unchanged
+        step, t, current = torch.linalg.solve(hessian, grad), 1.0, loss(theta)
+        while loss(theta - t * step) > current + 1e-12 * max(1.0, abs(current)) and t > 1e-8:
+            t /= 2  # damped far from the optimum; full steps (quadratic convergence) close to it
+        theta = theta - t * step
     else:
-        raise RuntimeError(f"fit_logistic did not converge: max |grad| = {params.grad.abs().max():.2e}; "
-                           "raise l2 or standardize the features")
-    params = params.detach()
-    return params[:-1], params[-1]
+        raise RuntimeError(f"fit_logistic did not converge in {max_iter} Newton steps: max |grad| = "
+                           f"{grad.abs().max():.2e}; raise l2 or standardize the features")
+    return Vh.T @ theta[:-1], theta[-1]
 
 
 def predict_logistic(X, w, b):
@@ -176,3 +205,612 @@ def psnr(x, y, data_range=1.0):
 
 # -----------------------------------------------------------------------------
 # Evaluation tasks (probes, reconstruction, manipulation, interpolation, variations, throughput)
+
+
+@dataclass
+class Config:
+    """Evaluate a trained LDAE run on its test split."""
+    task: str = ""  # ad | age | reconstruct | manipulate | interpolate | variations | throughput
+    out: str = "runs"  # the run folder with ae.pt and ldae.pt
+    steps: int = 50  # DDIM steps of manipulate, interpolate and variations
+    steps_list: str = ""  # reconstruct: "10,20,50,100", throughput: "10,50,100" when empty
+    max_scans: int = 16  # reconstruct: test scans scored
+    n_scans: int = 3  # manipulate: test scans edited
+    alphas: str = "-2,-1,1,2"  # manipulate: steps along the AD direction, in units of sqrt(y_dim)
+    n: int = 4  # variations: random z_T
+    scan: int = 0  # variations: which test scan
+    clip_z0: float = 0.0  # clamp z0_hat to [-c, c] at every DDIM step (METHOD 5); 0: off
+    batch_size: int = 4
+    dae_base: int = 32  # throughput: base channels of the voxel-space diffusion autoencoder
+    repeats: int = 1  # throughput: timed volumes per setting (after one warm-up volume)
+    amp: str = "auto"  # auto | bf16 | fp16 | off
+    seed: int = 0
+
+
+TASKS = ("ad", "age", "reconstruct", "manipulate", "interpolate", "variations", "throughput")
+L2_GRID = [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]  # the logistic l2 is sklearn's 1 / C
+BRAIN_THRESHOLD = 0.05  # voxels of the scaled input above this are brain for the masked SSIM
+
+
+@dataclass
+class Run:
+    """Everything the tasks read from a trained run; networks on `device`, in eval mode."""
+    path: Path
+    preset: ldae.Preset
+    ae_config: dict
+    rows: list
+    images: np.ndarray  # (N, 1, D, H, W) memory-mapped, rows' order
+    latents: torch.Tensor  # (N, *latent_shape), already multiplied by latent_scale
+    latent_scale: float
+    split: dict  # subject -> train | val | test
+    ae: torch.nn.Module
+    unet: torch.nn.Module  # EMA UNet: eps_theta and the gradient estimator
+    encoder: torch.nn.Module  # EMA semantic encoder
+    diffusion: ldae.Diffusion
+    device: torch.device
+    amp: object  # autocast context, reusable
+
+    def indices(self, *parts):
+        return [i for i, r in enumerate(self.rows) if self.split.get(r["subject"]) in parts]
+
+    def x(self, indices):
+        return torch.tensor(np.asarray(self.images[indices]), device=self.device)  # (B, 1, D, H, W)
+
+
+def open_run(cfg):
+    """Load ae.pt, ldae.pt, the cohort and the latent cache; refuse with the command to run if a stage is missing."""
+    path = Path(cfg.out)
+    ae_path, ldae_path = path / "ae.pt", path / "ldae.pt"
+    if not ae_path.exists():
+        raise SystemExit(f"error: {ae_path} not found: train stage 1 first with `python train_ae.py --out {cfg.out}` "
+                         f"(plus your --data and --preset), then `python train_ldae.py --out {cfg.out}`")
+    ae_state = ldae.load_checkpoint(ae_path)
+    if "latent_scale" not in ae_state:
+        raise SystemExit(f"error: {ae_path}: stage 1 has not finished; run `python train_ae.py --out {cfg.out} "
+                         f"--resume` first")
+    if not ldae_path.exists():
+        raise SystemExit(f"error: {ldae_path} not found: train stage 2 first with "
+                         f"`python train_ldae.py --out {cfg.out}`")
+    state = ldae.load_checkpoint(ldae_path)
+    if state["stage"] != "repr":
+        raise SystemExit(f"error: {ldae_path} holds only stage 2a (no trained semantic encoder); run "
+                         f"`python train_ldae.py --out {cfg.out} --stage repr` first")
+    if not state["finished"]:
+        print(f"warning: {ldae_path}: stage 2b stopped at step {state['step']} before the end; evaluating its EMA "
+              f"weights as they are (finish with `python train_ldae.py --out {cfg.out} --resume`)")
+    ae_cfg = ae_state["config"]
+    if state["preset"] != ae_cfg["preset"] or abs(state["latent_scale"] - ae_state["latent_scale"]) > 1e-12:
+        raise SystemExit(f"error: {ldae_path} was trained on another stage 1 than {ae_path}; retrain stage 2 "
+                         f"with `python train_ldae.py --out NEW_FOLDER` on this ae.pt")
+    preset = ldae.PRESETS[ae_cfg["preset"]]
+    rows, images = data.load_cohort(ae_state["data_dir"], ae_cfg["csv"], preset, path, ae_cfg["clip_percentile"],
+                                    ae_cfg["skip_bad"])
+    latents = data.load_latents(path / "latents.pt", ae_state["model"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ae, unet, encoder = preset.autoencoder(), preset.unet(), preset.encoder()
+    ae.load_state_dict(ae_state["model"])
+    unet.load_state_dict(state["unet_ema"])
+    encoder.load_state_dict(state["encoder_ema"])
+    amp, _ = ldae.autocast(device, cfg.amp)
+    print(f"{path}: preset {ae_cfg['preset']}, {len(rows)} scans, device {device}")
+    return Run(path, preset, ae_cfg, rows, images, latents, ae_state["latent_scale"], ae_state["split"],
+               ae.to(device).eval(), unet.to(device).eval(), encoder.to(device).eval(), ldae.Diffusion(), device, amp)
+
+
+# ---- network passes, batched; every output float32 on the device
+
+
+def batches(indices, size, desc=None):
+    chunks = [indices[i:i + size] for i in range(0, len(indices), size)]
+    return tqdm(chunks, desc=desc, disable=desc is None or len(chunks) < 2)
+
+
+@torch.no_grad()
+def semantic(run, indices, batch_size, desc="semantic encoder"):
+    """y_sem of the given scans (N, y_dim), on the CPU."""
+    out = []
+    for chunk in batches(indices, batch_size, desc):
+        with run.amp:
+            out.append(run.encoder(run.x(chunk)).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def semantic_of(run, x):
+    """y_sem of images already on the device (B, y_dim)."""
+    with run.amp:
+        return run.encoder(x).float()
+
+
+@torch.no_grad()
+def decode_latent(run, z0):
+    """Scaled latent -> image: divide by s, AE decoder (no clamp, METHOD 5)."""
+    with run.amp:
+        return run.ae.decode(z0 / run.latent_scale).float()
+
+
+@torch.no_grad()
+def ddim_encode(run, z0, y_sem, steps):
+    with run.amp:
+        return run.diffusion.ddim_encode(run.unet, z0.to(run.device), y_sem.to(run.device), steps)
+
+
+@torch.no_grad()
+def ddim_decode(run, z_T, y_sem, steps, clip_z0=0.0):
+    """z_T -> image: guided DDIM to a latent, then the AE decoder."""
+    with run.amp:
+        z0 = run.diffusion.ddim_sample(run.unet, z_T.to(run.device), y_sem.to(run.device), steps, clip_z0 or None)
+    return decode_latent(run, z0)
+
+
+def image_metrics(x_hat, x):
+    """Per-volume SSIM, SSIM inside the brain mask, MSE and PSNR of x_hat against x, both (B, 1, D, H, W)."""
+    mask = x > BRAIN_THRESHOLD
+    ssim, ssim_brain = ldae.ssim3d(x_hat, x).tolist(), ldae.ssim3d(x_hat, x, mask=mask).tolist()
+    return [{"ssim": s, "ssim_brain": sb, "mse": float(F.mse_loss(a, b)), "psnr": psnr(a, b)}
+            for s, sb, a, b in zip(ssim, ssim_brain, x_hat.float(), x.float())]
+
+
+def mean_metrics(per_scan):
+    return {k: sum(m[k] for m in per_scan) / len(per_scan) for k in per_scan[0]} | {"n": len(per_scan)}
+
+
+# ---- tiny PNG writer and mid-slice montages (no matplotlib)
+
+
+def write_png(path, rgb):
+    """rgb: (H, W, 3) uint8 -> 8-bit RGB PNG, one unfiltered scanline per row."""
+    height, width, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[row].tobytes() for row in range(height))
+
+    def chunk(tag, body):
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6))
+                           + chunk(b"IEND", b""))
+
+
+def mid_slices(volume):
+    """Axial, coronal, sagittal mid slices of a RAS (D, H, W) grid volume, superior/anterior up."""
+    D, H, W = volume.shape
+    return [volume[:, :, W // 2].T[::-1], volume[:, H // 2, :].T[::-1], volume[D // 2].T[::-1]]
+
+
+def montage(path, rows, min_panel=128):
+    """One PNG row per (volume, kind): kind 'image' shows [0, 1] in gray, 'difference' shows +/- in red/blue,
+    scaled by the largest |difference| of all difference rows."""
+    to_numpy = lambda v: v.detach().float().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)
+    rows = [(to_numpy(v).reshape(v.shape[-3:]), kind) for v, kind in rows]
+    diff_scale = max([np.abs(v).max() for v, kind in rows if kind == "difference"] + [1e-8])
+    panels = [[(s, kind) for s in mid_slices(v)] for v, kind in rows]
+    ph = max(s.shape[0] for row in panels for s, _ in row)
+    pw = max(s.shape[1] for row in panels for s, _ in row)
+    zoom = max(1, min_panel // max(ph, pw))
+    gap = 2
+    canvas = np.zeros(((ph * zoom + gap) * len(rows), (pw * zoom + gap) * 3, 3), np.uint8)
+    for r, row in enumerate(panels):
+        for c, (s, kind) in enumerate(row):
+            if kind == "difference":
+                d = np.clip(s / diff_scale, -1, 1)
+                rgb = np.stack([np.clip(d, 0, 1), np.zeros_like(d), np.clip(-d, 0, 1)], -1)
+            else:
+                rgb = np.repeat(np.clip(s, 0, 1)[..., None], 3, -1)
+            rgb = (rgb * 255).round().astype(np.uint8).repeat(zoom, 0).repeat(zoom, 1)
+            top = r * (ph * zoom + gap) + (ph * zoom - rgb.shape[0]) // 2  # centred in its cell
+            left = c * (pw * zoom + gap) + (pw * zoom - rgb.shape[1]) // 2
+            canvas[top:top + rgb.shape[0], left:left + rgb.shape[1]] = rgb
+    write_png(path, canvas)
+
+
+def scan_meta(run, row):
+    """The meta data.save_like needs to put a grid volume back on the scan's own voxels."""
+    return data.load_scan(row["path"], run.preset.image_shape, run.preset.spacing,
+                          run.ae_config["clip_percentile"] or None)[1]
+
+
+def scan_name(row):
+    return f"{row['subject']}_{row['session']}"
+
+
+# ---- linear probes on y_sem and the two baselines (METHOD 6)
+
+
+@dataclass
+class Probe:
+    l2: float
+    w: torch.Tensor  # weights on the z-scored features
+    b: torch.Tensor
+
+
+def fit_probe(kind, X, y, groups):
+    """A logistic or ridge probe on z-scored features X: l2 chosen on a by-subject split of X (choose_l2),
+    then refit on all of X. The logistic l2 is chosen by validation log-loss (defined even when a
+    validation fold holds one class only), the ridge l2 by validation MAE."""
+    if kind == "logistic":
+        fit = fit_logistic
+        score = lambda Xv, yv, w, b: -float(F.binary_cross_entropy(predict_logistic(Xv, w, b), yv.double()))
+    else:
+        fit = fit_ridge
+        score = lambda Xv, yv, w, b: -float((predict_ridge(Xv, w, b) - yv.double()).abs().mean())
+    l2 = choose_l2(fit, score, X, y, groups, L2_GRID)
+    w, b = fit(X, y, l2)
+    return Probe(l2, w, b)
+
+
+def probe_scores(kind, X_train, y_train, groups, X_test, y_test):
+    """Fit on the train features, score on the test features: classification or regression metrics."""
+    X_train, X_test = standardize(X_train.double(), X_test.double())
+    probe = fit_probe(kind, X_train, y_train, groups)
+    if kind == "logistic":
+        metrics = classification_metrics(predict_logistic(X_test, probe.w, probe.b), y_test)
+    else:
+        metrics = regression_metrics(predict_ridge(X_test, probe.w, probe.b), y_test)
+    return metrics | {"l2": probe.l2}
+
+
+def ad_scans(run):
+    """(train indices, test indices) of the AD and CN scans (MCI left out); train = train + val splits."""
+    train = [i for i in run.indices("train", "val") if run.rows[i]["diagnosis"] in ("AD", "CN")]
+    test = [i for i in run.indices("test") if run.rows[i]["diagnosis"] in ("AD", "CN")]
+    for name, indices in (("train+val", train), ("test", test)):
+        present = {run.rows[i]["diagnosis"] for i in indices}
+        if present != {"AD", "CN"}:
+            missing = " and ".join(d for d in ("AD", "CN") if d not in present)
+            raise SystemExit(f"error: the {name} split of {run.path / 'ae.pt'} has no {missing} scan, so AD vs CN "
+                             f"cannot be scored; use a cohort with both diagnoses in every split (data.make_split "
+                             f"stratifies by diagnosis) and retrain")
+    return train, test
+
+
+def probe_task(run, cfg, kind):
+    """The y_sem probe beside two baselines fed to the same probe: PCA of the voxels, the flattened AE latent."""
+    if kind == "logistic":
+        train, test = ad_scans(run)
+        target = lambda idx: torch.tensor([float(run.rows[i]["diagnosis"] == "AD") for i in idx])
+    else:
+        train, test = run.indices("train", "val"), run.indices("test")
+        if not test:
+            raise SystemExit(f"error: the test split of {run.path / 'ae.pt'} is empty")
+        target = lambda idx: torch.tensor([run.rows[i]["age"] for i in idx], dtype=torch.float64)
+    groups = [run.rows[i]["subject"] for i in train]
+    y_train, y_test = target(train), target(test)
+    features = {"ldae": (semantic(run, train, cfg.batch_size), semantic(run, test, cfg.batch_size))}
+    voxels = lambda idx: torch.tensor(np.asarray(run.images[idx]).reshape(len(idx), -1))  # (n, D * H * W)
+    train_voxels = voxels(train)
+    mean, components, _ = pca_fit(train_voxels, 50)  # k = min(50, n - 1)
+    features["baseline_pca"] = (pca_transform(train_voxels, mean, components),
+                                pca_transform(voxels(test), mean, components))
+    del train_voxels
+    features["baseline_latent"] = (run.latents[train].flatten(1), run.latents[test].flatten(1))
+    result = {name: probe_scores(kind, X_train, y_train, groups, X_test, y_test)
+              for name, (X_train, X_test) in tqdm(features.items(), desc="probes")}
+    return result | {"n_train": len(train), "n_test": len(test), "pca_components": int(components.shape[0])}
+
+
+def task_ad(run, cfg):
+    """AD vs CN logistic probe; AD is the positive class (AUC is the same either way)."""
+    return probe_task(run, cfg, "logistic") | {"positive_class": "AD"}
+
+
+def task_age(run, cfg):
+    """Age ridge probe over every diagnosis; MAE and RMSE in years."""
+    return probe_task(run, cfg, "ridge")
+
+
+# ---- reconstruction (METHOD 5)
+
+
+def steps_list(cfg, default):
+    return [int(s) for s in (cfg.steps_list or default).split(",")]
+
+
+def task_reconstruct(run, cfg):
+    """AE alone; LDAE through DDIM-encoded z_T for each S; LDAE from y_sem only with z_T ~ N(0, I)."""
+    indices = run.indices("test")[:cfg.max_scans]
+    if not indices:
+        raise SystemExit(f"error: the test split of {run.path / 'ae.pt'} is empty")
+    steps = steps_list(cfg, "10,20,50,100")
+    per_scan = {"autoencoder": []} | {f"ldae_S{s}": [] for s in steps} | {"ldae_random_zT": []}
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for chunk in batches(indices, cfg.batch_size, "reconstruct"):
+        x, z0 = run.x(chunk), run.latents[chunk].to(run.device)
+        with torch.no_grad(), run.amp:
+            y_sem = run.encoder(x).float()
+        per_scan["autoencoder"] += image_metrics(decode_latent(run, z0), x)
+        for s in steps:
+            z_T = ddim_encode(run, z0, y_sem, s)
+            per_scan[f"ldae_S{s}"] += image_metrics(ddim_decode(run, z_T, y_sem, s, cfg.clip_z0), x)
+        z_T = torch.randn(z0.shape, generator=generator)
+        per_scan["ldae_random_zT"] += image_metrics(ddim_decode(run, z_T, y_sem, max(steps), cfg.clip_z0), x)
+    result = {name: mean_metrics(m) for name, m in per_scan.items()}
+    return result | {"random_zT_steps": max(steps), "clip_z0": cfg.clip_z0 or None}
+
+
+# ---- manipulation along the AD direction (METHOD 6)
+
+
+def load_labels(row, shape):
+    """The synthetic cohort's label map in the scan's own voxels, or None (no labels column, other shape)."""
+    if not row.get("labels"):
+        return None
+    labels = np.asanyarray(nib.load(row["labels"]).dataobj).astype(np.int64)
+    return labels if labels.shape == tuple(shape) else None
+
+
+def concentration(diff, labels):
+    """Where |difference| sits: for ventricles (4) and hippocampus (5), their share of the brain's total
+    |difference| beside their share of brain volume; enrichment = the ratio (1: no concentration)."""
+    brain = labels > 0
+    total, volume = float(np.abs(diff[brain]).sum()), int(brain.sum())
+    out = {"brain_share_of_abs_difference": total / max(float(np.abs(diff).sum()), 1e-12)}
+    for name, label in (("ventricles", data.VENTRICLES), ("hippocampus", data.HIPPOCAMPUS)):
+        inside = labels == label
+        diff_share = float(np.abs(diff[inside]).sum()) / max(total, 1e-12)
+        volume_share = int(inside.sum()) / max(volume, 1)
+        out[name] = {"difference_share": diff_share, "volume_share": volume_share,
+                     "enrichment": diff_share / volume_share if volume_share else None}
+    return out
+
+
+def task_manipulate(run, cfg):
+    """Move y_sem along the AD probe's direction and decode with the scan's own z_T.
+
+    In z-scored y space y_n' = y_n + a sqrt(d) w/|w| (w: the AD-vs-CN probe weights; a > 0 toward AD), so
+    y' = y + a sqrt(d) std * w/|w| in the encoder's units. Differences (manipulated - reconstruction) are
+    written in the scan's own space, where the synthetic label map lives: no label resampling is needed,
+    the difference is the one that went through data.save_like (linear interpolation back to the scan).
+    """
+    alphas = [float(a) for a in cfg.alphas.split(",")]
+    train, _ = ad_scans(run)
+    y_train = semantic(run, train, cfg.batch_size).double()
+    std = y_train.std(0, correction=0).clamp_min(1e-8)  # as standardize() does
+    y_train_n, = standardize(y_train)
+    probe = fit_probe("logistic", y_train_n, torch.tensor([float(run.rows[i]["diagnosis"] == "AD") for i in train]),
+                      [run.rows[i]["subject"] for i in train])
+    step = math.sqrt(y_train.shape[1]) * std * probe.w / probe.w.norm()  # one unit of a, in y units
+    p_ad = lambda y: float(predict_logistic(standardize(y_train, y.double().cpu())[1], probe.w, probe.b)[0])
+    out_dir = run.path / "eval" / "manipulate"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scans = []
+    for i in tqdm(run.indices("test")[:cfg.n_scans], desc="manipulate"):
+        row, meta = run.rows[i], scan_meta(run, run.rows[i])
+        name, labels = scan_name(row), load_labels(row, meta["shape"])
+        x = run.x([i])
+        y = semantic(run, [i], 1, None).to(run.device)
+        z_T = ddim_encode(run, run.latents[[i]], y, cfg.steps)
+        recon = ddim_decode(run, z_T, y, cfg.steps, cfg.clip_z0)
+        data.save_like(recon[0, 0], meta, out_dir / f"{name}_reconstruction.nii.gz")
+        rows_png = [(x[0, 0], "image"), (recon[0, 0], "image")]
+        for a in alphas:
+            y_edit = y + a * step.float().to(run.device)
+            edited = ddim_decode(run, z_T, y_edit, cfg.steps, cfg.clip_z0)
+            diff = edited - recon
+            tag = f"{name}_a{a:+g}"
+            data.save_like(edited[0, 0], meta, out_dir / f"{tag}.nii.gz")
+            data.save_like(diff[0, 0], meta, out_dir / f"{tag}_difference.nii.gz")
+            rows_png += [(edited[0, 0], "image"), (diff[0, 0], "difference")]
+            entry = {"subject": row["subject"], "session": row["session"], "diagnosis": row["diagnosis"], "alpha": a,
+                     "mean_abs_difference": float(diff.abs().mean()), "p_ad_input": p_ad(y),
+                     "p_ad_edited_y": p_ad(y_edit), "p_ad_of_edited_image": p_ad(semantic_of(run, edited)),
+                     "files": [f"{tag}.nii.gz", f"{tag}_difference.nii.gz"]}
+            if labels is not None:
+                native_diff = np.asanyarray(nib.load(str(out_dir / f"{tag}_difference.nii.gz")).dataobj)
+                entry |= concentration(native_diff, labels)
+            scans.append(entry)
+        montage(out_dir / f"{name}.png", rows_png)
+    summary = {}
+    for region in ("ventricles", "hippocampus"):
+        values = [s[region]["enrichment"] for s in scans if region in s and s[region]["enrichment"] is not None]
+        if values:
+            summary[f"{region}_enrichment_mean"] = sum(values) / len(values)
+    return {"direction": "a > 0 moves y_sem toward AD", "alphas": alphas, "steps": cfg.steps, "probe_l2": probe.l2,
+            "scans": scans, "summary": summary,
+            "montage_rows": "input, reconstruction, then per alpha: edited, difference (red +, blue -)"}
+
+
+# ---- interpolation between visits (METHOD 6)
+
+
+def task_interpolate(run, cfg):
+    """For each test subject with >= 3 visits and every (i, j >= i + 2, i < k < j): decode LERP(y) and
+    SLERP(z_T) at a = (m_k - m_i) / (m_j - m_i); score against the real middle scan, per gap m_k - m_i."""
+    visits = {}
+    for i in run.indices("test"):
+        visits.setdefault(run.rows[i]["subject"], []).append(i)
+    subjects = {s: sorted(v, key=lambda i: run.rows[i]["months"]) for s, v in visits.items() if len(v) >= 3}
+    if not subjects:
+        raise SystemExit(f"error: no test subject of {run.path / 'ae.pt'} has 3 or more visits; interpolation "
+                         "needs them")
+    scores = {"ldae": {}, "ldae_vs_autoencoder": {}, "nearest_visit": {}, "linear_blend": {}}
+
+    def add(method, gap, x_hat, x):
+        for m in image_metrics(x_hat, x):
+            scores[method].setdefault(gap, []).append(m)
+
+    for subject, idx in tqdm(subjects.items(), desc="interpolate"):
+        months = [run.rows[i]["months"] for i in idx]
+        x = run.x(idx)
+        y = semantic_of(run, x)
+        z_T = ddim_encode(run, run.latents[idx], y, cfg.steps)
+        x_ae = decode_latent(run, run.latents[idx].to(run.device))
+        triples = [(i, j, k) for i in range(len(idx)) for j in range(i + 2, len(idx)) for k in range(i + 1, j)]
+        for i, j, k in triples:
+            a = (months[k] - months[i]) / (months[j] - months[i])
+            gap = f"{months[k] - months[i]:g}"
+            x_hat = ddim_decode(run, ldae.slerp(z_T[[i]], z_T[[j]], a), ldae.lerp(y[[i]], y[[j]], a), cfg.steps,
+                                cfg.clip_z0)
+            add("ldae", gap, x_hat, x[[k]])
+            add("ldae_vs_autoencoder", gap, x_hat, x_ae[[k]])
+            add("nearest_visit", gap, x[[i if months[k] - months[i] <= months[j] - months[k] else j]], x[[k]])
+            add("linear_blend", gap, ldae.lerp(x[[i]], x[[j]], a), x[[k]])
+    result = {method: {gap: {k: v for k, v in mean_metrics(m).items() if k in ("ssim", "ssim_brain", "mse", "n")}
+                       for gap, m in sorted(per_gap.items(), key=lambda g: float(g[0]))}
+              for method, per_gap in scores.items()}
+    return result | {"steps": cfg.steps, "subjects": len(subjects), "gap_unit": "months"}
+
+
+# ---- stochastic variations (METHOD 5)
+
+
+def task_variations(run, cfg):
+    """One test scan's y_sem with several z_T ~ N(0, I): what the semantic code fixes and what it leaves free."""
+    test = run.indices("test")
+    if not test:
+        raise SystemExit(f"error: the test split of {run.path / 'ae.pt'} is empty")
+    i = test[cfg.scan % len(test)]
+    row, out_dir = run.rows[i], run.path / "eval" / "variations"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta, name = scan_meta(run, row), scan_name(row)
+    x = run.x([i])
+    y = semantic_of(run, x)
+    recon = ddim_decode(run, ddim_encode(run, run.latents[[i]], y, cfg.steps), y, cfg.steps, cfg.clip_z0)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    z_T = torch.randn((cfg.n, *run.latents.shape[1:]), generator=generator)
+    samples = torch.cat([ddim_decode(run, z, y, cfg.steps, cfg.clip_z0)
+                         for z in tqdm(z_T.split(cfg.batch_size), desc="variations")])
+    files = [f"{name}_reconstruction.nii.gz"] + [f"{name}_variation{k}.nii.gz" for k in range(cfg.n)]
+    for volume, file in zip([recon[0, 0], *samples[:, 0]], files):
+        data.save_like(volume, meta, out_dir / file)
+    montage(out_dir / f"{name}.png", [(x[0, 0], "image"), (recon[0, 0], "image")] + [(s[0], "image") for s in samples])
+    to_input = image_metrics(samples, x.expand_as(samples))
+    pairs = [(a, b) for a in range(cfg.n) for b in range(a + 1, cfg.n)]
+    between = [float(ldae.ssim3d(samples[[a]], samples[[b]])) for a, b in pairs]
+    return {"subject": row["subject"], "session": row["session"], "steps": cfg.steps, "n": cfg.n, "files": files,
+            "png": f"{name}.png", "ssim_to_input": [m["ssim"] for m in to_input],
+            "ssim_between_variations_mean": sum(between) / len(between) if between else None,
+            "voxel_std_mean": float(samples.std(0).mean()) if cfg.n > 1 else None}
+
+
+# ---- throughput: LDAE against a diffusion autoencoder in voxel space (METHOD 5)
+
+
+def voxel_dae(run, base):
+    """A DAE UNet of the same design on the image itself (1 channel): mults (1, 2, 4, 8) cut to what the
+    grid divides by, attention at the coarsest level. Untrained: it is only timed."""
+    levels = 1
+    while levels < 4 and all(s % 2 ** levels == 0 for s in run.preset.image_shape):
+        levels += 1
+    mults = (1, 2, 4, 8)[:levels]
+    config = dict(channels=1, base=base, mults=mults, blocks=run.preset.unet_blocks, attention=(2 ** (levels - 1),),
+                  heads=1, dropout=0.0, y_dim=run.preset.y_dim)
+    return ldae.UNet(**config).to(run.device).eval(), config
+
+
+def flops_per_call(unet, shape, y_dim, device):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    z, y = torch.zeros(1, *shape, device=device), torch.zeros(1, y_dim, device=device)
+    t = torch.zeros(1, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(z, t, y)
+    return counter.get_total_flops()
+
+
+def timed(fn, repeats, device):
+    """Mean seconds of fn() over repeats calls (the caller warms up first)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def task_throughput(run, cfg):
+    """Seconds per volume of a full reconstruction, batch 1: LDAE (semantic encode, AE encode, DDIM inversion,
+    DDIM decode, AE decode) against the voxel DAE (semantic encode, DDIM inversion and decode on the image)."""
+    steps = steps_list(cfg, "10,50,100")
+    dae, dae_config = voxel_dae(run, cfg.dae_base)
+    x = run.x(run.indices("test")[:1] or [0])
+    diffusion = run.diffusion
+
+    @torch.no_grad()
+    def ldae_reconstruct(s):
+        with run.amp:
+            y = run.encoder(x)
+            z0 = run.ae.encode(x)[0] * run.latent_scale
+            z0 = diffusion.ddim_sample(run.unet, diffusion.ddim_encode(run.unet, z0, y, s), y, s)
+            return run.ae.decode(z0 / run.latent_scale)
+
+    @torch.no_grad()
+    def dae_reconstruct(s):
+        with run.amp:
+            y = run.encoder(x)
+            return diffusion.ddim_sample(dae, diffusion.ddim_encode(dae, x, y, s), y, s)
+
+    for warm_up in (ldae_reconstruct, dae_reconstruct):  # one untimed volume each: allocations, kernel choice
+        warm_up(min(steps))
+    per_steps = []
+    for s in tqdm(steps, desc="throughput"):
+        t_ldae = timed(lambda: ldae_reconstruct(s), cfg.repeats, run.device)
+        t_dae = timed(lambda: dae_reconstruct(s), cfg.repeats, run.device)
+        per_steps.append({"steps": s, "ldae_s_per_volume": t_ldae, "dae_s_per_volume": t_dae,
+                          "speedup": t_dae / t_ldae})
+    latent_shape = tuple(run.latents.shape[1:])
+    flops = {"ldae_unet": flops_per_call(run.unet, latent_shape, run.preset.y_dim, run.device),
+             "dae_unet": flops_per_call(dae, (1, *run.preset.image_shape), run.preset.y_dim, run.device)}
+    flops["ratio"] = flops["dae_unet"] / flops["ldae_unet"]
+    params = lambda m: sum(p.numel() for p in m.parameters())
+    largest = max(per_steps, key=lambda p: p["steps"])
+    return largest | {"shape": list(run.preset.image_shape), "latent_shape": list(latent_shape),
+                      "per_steps": per_steps, "flops_per_call": flops, "dae_config": dae_config,
+                      "parameters": {"ldae_unet": params(run.unet), "dae_unet": params(dae)},
+                      "device": str(run.device), "threads": torch.get_num_threads(),
+                      "note": "top-level times are for the largest steps; each DDIM step is one network call, "
+                              "inversion and decode both count"}
+
+
+# ---- printing and the command line
+
+
+def print_table(task, result):
+    """A readable summary: one line per method (dict of numbers), nested per gap where there is one."""
+    print(f"\n{task}")
+    for name, value in result.items():
+        if isinstance(value, dict) and value and all(isinstance(v, (int, float)) or v is None for v in value.values()):
+            cells = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items())
+            print(f"  {name:<22} {cells}")
+        elif isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            for sub, inner in value.items():
+                if all(isinstance(v, (int, float)) for v in inner.values()):
+                    cells = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in inner.items())
+                    print(f"  {name:<22} {sub:<10} {cells}")
+        elif isinstance(value, (int, float, str)):
+            print(f"  {name:<22} {value:.4g}" if isinstance(value, float) else f"  {name:<22} {value}")
+
+
+def main(cfg):
+    if cfg.task not in TASKS:
+        raise SystemExit(f"error: --task {cfg.task!r}: choose one of {', '.join(TASKS)}")
+    print(json.dumps(asdict(cfg), indent=1))
+    torch.manual_seed(cfg.seed)
+    run = open_run(cfg)
+    result = globals()[f"task_{cfg.task}"](run, cfg)
+    result["config"] = asdict(cfg)
+    path = run.path / "eval" / f"{cfg.task}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, allow_nan=True))
+    if cfg.task == "throughput":
+        for p in result["per_steps"]:
+            print(f"  T={p['steps']:<4} LDAE {p['ldae_s_per_volume']:.3f} s/volume   "
+                  f"voxel DAE {p['dae_s_per_volume']:.3f} s/volume   speed-up {p['speedup']:.1f}x")
+        f = result["flops_per_call"]
+        print(f"  FLOPs per UNet call: LDAE {f['ldae_unet']:.3g}, voxel DAE {f['dae_unet']:.3g} ({f['ratio']:.1f}x)")
+    elif cfg.task == "manipulate":
+        for s in result["scans"]:
+            regions = "  ".join(f"{r} {s[r]['difference_share']:.3f} of |diff| vs {s[r]['volume_share']:.3f} of brain"
+                                for r in ("ventricles", "hippocampus") if r in s)
+            print(f"  {s['subject']} {s['session']} a={s['alpha']:+g}  mean|diff| {s['mean_abs_difference']:.4f}  "
+                  f"p(AD) {s['p_ad_input']:.2f}->{s['p_ad_of_edited_image']:.2f}  {regions}")
+    print_table(cfg.task, result)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    try:
+        main(ldae.parse_config(Config))
+    except (data.DataError, ldae.CheckpointError) as e:
+        raise SystemExit(f"error: {e}")

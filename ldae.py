@@ -498,7 +498,7 @@ PRESETS = {
                    unet_attention=(2,), unet_heads=1, dropout=0.0, y_dim=16, encoder_widths=(8, 16),
                    encoder_heads=2),
     "cpu": Preset(image_shape=(48, 64, 48), spacing=3.5, ae_channels=(16, 32, 64), ae_blocks=1, latent_channels=3,
-                  disc_channels=16, disc_layers=3, unet_base=64, unet_mults=(1, 2, 2), unet_blocks=1,
+                  disc_channels=16, disc_layers=3, unet_base=32, unet_mults=(1, 2, 2), unet_blocks=1,
                   unet_attention=(4,), unet_heads=1, dropout=0.0, y_dim=128, encoder_widths=(16, 32, 64, 128),
                   encoder_heads=8),
     "paper": Preset(image_shape=(128, 160, 128), spacing=1.5, ae_channels=(64, 128, 128, 128), ae_blocks=2,
@@ -562,6 +562,13 @@ def update_ema(ema, model, decay):
         e.copy_(b)
 
 
+def learning_rate(base, step, total, warmup=20):
+    """Short linear warm-up, then cosine decay to 10% of base: short CPU budgets end annealed."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+
+
 def step_seed(seed, step, rank):
     """All randomness of a training step comes from (seed, step, rank): resuming at any step is exact,
     whatever ran before it, so no RNG state needs to travel in the checkpoint."""
@@ -579,7 +586,7 @@ def save_checkpoint(state, path):
     from pathlib import Path
 
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp, prev, moved = path.with_name(path.name + ".tmp"), path.with_suffix(".prev.pt"), False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
@@ -587,10 +594,13 @@ def save_checkpoint(state, path):
             f.flush()
             os.fsync(f.fileno())
         if path.exists():
-            os.replace(path, path.with_suffix(".prev.pt"))
+            os.replace(path, prev)
+            moved = True
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
+        if moved and not path.exists():  # the new one could not take its place: put the previous one back
+            os.replace(prev, path)
         raise CheckpointError(f"{path}: could not save the checkpoint ({e.strerror or e}); the previous one is "
                               f"unchanged. Free disk space or choose a writable --out.") from e
 

@@ -28,14 +28,14 @@ class Config:
     """Train the latent DDPM and the LDAE representation (stage 2)."""
     out: str = "runs"
     stage: str = "all"  # pretrain | repr | all
-    pretrain_epochs: int = 40
-    repr_epochs: int = 12
+    pretrain_epochs: int = 5  # the cpu demo's budget; the paper trains 500
+    repr_epochs: int = 4
     steps: int = 0  # optimiser steps for each stage run; 0: from the epochs
     batch_size: int = 16  # stage 2a; stage 2b uses repr_batch_size
     repr_batch_size: int = 8
     accumulate: int = 1
-    lr: float = 2e-4  # METHOD 3-4 use 2.5e-5 over 500 epochs on a GPU; CPU budgets need larger steps
-    ema: float = 0.995  # METHOD uses 0.999 over ~10^5 steps; a short CPU run needs a shorter memory
+    lr: float = 5e-4  # peak; METHOD 3-4 use 2.5e-5 over 500 epochs on a GPU, short CPU budgets need more
+    ema: float = 0.99  # METHOD uses 0.999 over ~10^5 steps; a few hundred steps need a shorter memory
     clip: float = 1.0
     amp: str = "auto"  # auto | bf16 | fp16 | off
     val_steps: int = 10  # DDIM steps of the validation reconstruction
@@ -47,6 +47,9 @@ class Config:
 def open_run(cfg):
     """Everything stage 2 needs from stage 1: preset, rows, images, scaled latents, split, AE weights."""
     run = Path(cfg.out)
+    if not (run / "ae.pt").exists():
+        raise ldae.CheckpointError(f"{run / 'ae.pt'}: not found; train stage 1 first: `python train_ae.py --out "
+                                   f"{cfg.out}` (add --resume if it was interrupted)")
     ae_state = ldae.load_checkpoint(run / "ae.pt")
     if "latent_scale" not in ae_state:
         raise ldae.CheckpointError(f"{run / 'ae.pt'}: stage 1 has not finished; run `python train_ae.py --out "
@@ -67,7 +70,11 @@ def main(cfg):
         print(json.dumps(asdict(cfg), indent=1))
     if cfg.stage not in ("pretrain", "repr", "all"):
         raise SystemExit(f"--stage {cfg.stage!r}: choose pretrain, repr or all")
+    if rank != 0:  # rank 0 (re)builds the image cache first: two writers would race on one temp file
+        dist.barrier()
     ae_state, preset, rows, images, latents = open_run(cfg)
+    if rank == 0 and world > 1:
+        dist.barrier()
     split = ae_state["split"]
     train_idx = [i for i, r in enumerate(rows) if split.get(r["subject"]) == "train"]
     val_idx = [i for i, r in enumerate(rows) if split.get(r["subject"]) == "val"][:8]
@@ -116,6 +123,8 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
         if not resuming:  # start from the EMA weights of stage 2a (METHOD 3)
             unet.load_state_dict(state["unet_ema"])
         unet.freeze_eps_theta()
+        for module in (unet.y_embed, unet.estimator):  # stage 2a froze them when it ran in this process
+            module.requires_grad_(True)
         trainable = [p for p in unet.parameters() if p.requires_grad] + list(encoder.parameters())
         batch_size, epochs = cfg.repr_batch_size, cfg.repr_epochs
     else:
@@ -176,6 +185,8 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
                                          f"checkpoint {ckpt_path} is kept; lower --lr or use --amp off")
             scaler.scale(loss / cfg.accumulate).backward()
             total_loss += loss.item() / cfg.accumulate
+        for group in opt.param_groups:
+            group["lr"] = ldae.learning_rate(cfg.lr, step, total)
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(trainable, cfg.clip)
         scaler.step(opt)

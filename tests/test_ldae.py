@@ -52,7 +52,7 @@ def _trained_free_unet(with_estimator_noise):
     unet = ldae.PRESETS["tiny"].unet().eval()
     with torch.no_grad():  # zero-initialised layers would make eps = 0; give every weight a value
         for p in unet.parameters():
-            p.copy_(torch.randn_like(p) * 0.05)
+            p.copy_(torch.randn_like(p) * 0.02)
     if not with_estimator_noise:
         for p in unet.estimator.parameters():
             p.zero_()

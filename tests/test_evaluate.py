@@ -1,0 +1,165 @@
+"""evaluate.py end to end: a tiny synthetic cohort, a tiny trained run, every task through the command line."""
+import json
+import math
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import data
+import ldae
+from evaluate import Config, main, write_png
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_script(script, *args, cwd, check=True):
+    result = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, capture_output=True,
+                            text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A synthetic cohort of 10 subjects (test split with AD and CN) and a run trained for a few steps: the
+    networks are barely trained, so only the plumbing and the ranges of the numbers are checked."""
+    root = tmp_path_factory.mktemp("evaluate")
+    cohort, out = root / "cohort", root / "runs"
+    run_script("data.py", "--synth", cohort, "--subjects", 10, "--seed", 1, cwd=root)
+    split = data.make_split(data.read_table(cohort))
+    test_diagnoses = {r["diagnosis"] for r in data.read_table(cohort) if split[r["subject"]] == "test"}
+    assert {"AD", "CN"} <= test_diagnoses, "the fixture's cohort must put AD and CN subjects in the test split"
+    run_script("train_ae.py", "--data", cohort, "--preset", "tiny", "--steps", 10, "--out", out, cwd=root)
+    run_script("train_ldae.py", "--out", out, "--steps", 4, "--val-steps", 2, "--batch-size", 4,
+               "--repr-batch-size", 4, cwd=root)
+    return out
+
+
+def evaluate(run, task, *args):
+    run_script("evaluate.py", "--task", task, "--out", run, *args, cwd=run.parent)
+    return json.loads((run / "eval" / f"{task}.json").read_text())
+
+
+def input_scan(run, subject, session):
+    rows = data.read_table(torch.load(run / "ae.pt", weights_only=True)["data_dir"])
+    return nib.load(next(r["path"] for r in rows if r["subject"] == subject and r["session"] == session))
+
+
+def assert_nifti_like(path, scan):
+    image = nib.load(str(path))
+    assert image.shape == scan.shape
+    np.testing.assert_allclose(image.affine, scan.affine, atol=1e-5)
+    assert np.isfinite(image.get_fdata()).all()
+
+
+def test_write_png_round_trips_pixels(tmp_path):
+    rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 7
+    write_png(tmp_path / "a.png", rgb)
+    raw = (tmp_path / "a.png").read_bytes()
+    assert raw.startswith(PNG_SIGNATURE)
+    width, height = struct.unpack(">II", raw[16:24])
+    assert (width, height) == (3, 2)
+    idat_length = struct.unpack(">I", raw[33:37])[0]
+    pixels = zlib.decompress(raw[41:41 + idat_length])
+    assert pixels == b"".join(b"\x00" + rgb[r].tobytes() for r in range(2))
+
+
+def test_evaluate_before_training_says_which_command_to_run(tmp_path):
+    result = run_script("evaluate.py", "--task", "ad", "--out", tmp_path / "empty", cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "train_ae.py" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_evaluate_without_stage_2_says_to_train_it(run, tmp_path):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "ae.pt").write_bytes((run / "ae.pt").read_bytes())
+    with pytest.raises(SystemExit, match="train_ldae.py"):
+        main(Config(task="age", out=str(tmp_path / "half")))
+
+
+def test_ad_probe_refuses_a_test_split_without_ad(run, tmp_path):
+    moved = tmp_path / "no_ad"
+    moved.mkdir()
+    for name in ("ldae.pt", "latents.pt", "images.npy", "images.json"):
+        (moved / name).write_bytes((run / name).read_bytes())
+    state = torch.load(run / "ae.pt", weights_only=True)
+    rows = data.read_table(state["data_dir"])
+    for r in rows:
+        if r["diagnosis"] == "AD" and state["split"][r["subject"]] == "test":
+            state["split"][r["subject"]] = "train"
+    torch.save(state, moved / "ae.pt")
+    with pytest.raises(SystemExit, match="no AD scan"):
+        main(Config(task="ad", out=str(moved)))
+
+
+def test_ad_probe_scores_ldae_and_both_baselines(run):
+    result = evaluate(run, "ad")
+    assert result["n_train"] > 0 and result["n_test"] > 0 and result["positive_class"] == "AD"
+    for name in ("ldae", "baseline_pca", "baseline_latent"):
+        m = result[name]
+        for key in ("accuracy", "precision", "recall", "f1", "roc_auc"):
+            assert 0.0 <= m[key] <= 1.0, (name, key, m[key])
+
+
+def test_age_probe_reports_finite_errors_in_years(run):
+    result = evaluate(run, "age")
+    for name in ("ldae", "baseline_pca", "baseline_latent"):
+        m = result[name]
+        assert math.isfinite(m["mae"]) and m["mae"] > 0 and m["rmse"] >= m["mae"]
+
+
+def test_reconstruct_scores_autoencoder_and_ldae_per_step_count(run):
+    result = evaluate(run, "reconstruct", "--steps-list", "2,3", "--max-scans", 2)
+    for name in ("autoencoder", "ldae_S2", "ldae_S3", "ldae_random_zT"):
+        m = result[name]
+        assert -1 < m["ssim"] <= 1 and -1 < m["ssim_brain"] <= 1, (name, m)
+        assert m["mse"] >= 0 and m["n"] == 2 and not math.isnan(m["psnr"])
+
+
+def test_manipulate_writes_volumes_in_scan_space_and_a_montage(run):
+    result = evaluate(run, "manipulate", "--steps", 2, "--n-scans", 1, "--alphas=-2,2")
+    assert len(result["scans"]) == 2
+    folder = run / "eval" / "manipulate"
+    for entry in result["scans"]:
+        scan = input_scan(run, entry["subject"], entry["session"])
+        for file in entry["files"]:
+            assert_nifti_like(folder / file, scan)
+        assert 0 <= entry["ventricles"]["volume_share"] < 1 and 0 <= entry["hippocampus"]["difference_share"] <= 1
+        assert (folder / f"{entry['subject']}_{entry['session']}.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_interpolate_compares_ldae_with_both_baselines_per_gap(run):
+    result = evaluate(run, "interpolate", "--steps", 2)
+    assert result["subjects"] >= 1
+    for method in ("ldae", "nearest_visit", "linear_blend"):
+        assert result[method], method
+        for gap, m in result[method].items():
+            assert float(gap) > 0 and m["n"] >= 1 and -1 < m["ssim"] <= 1 and m["mse"] >= 0
+
+
+def test_variations_writes_each_sample_and_a_montage(run):
+    result = evaluate(run, "variations", "--steps", 2, "--n", 2)
+    folder = run / "eval" / "variations"
+    scan = input_scan(run, result["subject"], result["session"])
+    assert len(result["files"]) == 3  # the reconstruction and two variations
+    for file in result["files"]:
+        assert_nifti_like(folder / file, scan)
+    assert (folder / result["png"]).read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_throughput_times_ldae_against_a_voxel_dae(run):
+    result = evaluate(run, "throughput", "--steps-list", "1", "--dae-base", 8)
+    assert result["steps"] == 1 and [p["steps"] for p in result["per_steps"]] == [1]
+    assert result["ldae_s_per_volume"] > 0 and result["dae_s_per_volume"] > 0 and result["speedup"] > 0
+    assert result["flops_per_call"]["dae_unet"] > result["flops_per_call"]["ldae_unet"] > 0
+    assert result["shape"] == list(ldae.PRESETS["tiny"].image_shape)

@@ -1,0 +1,197 @@
+"""Training stages end to end on the tiny preset: full runs, exact resume, frozen eps_theta in stage 2b,
+two processes, safe checkpoints, and a NaN loss that stops the run."""
+
+import json
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ldae  # noqa: E402
+from conftest import AE_FLAGS, AE_KEYS, AE_STEPS, LDAE_FLAGS, LDAE_STEPS, assert_identical, load, run_cli, \
+    run_script  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def interrupt_on_step_call(monkeypatch, n):
+    """SIGTERM this process as the n-th training step begins (counted over ldae.step_seed calls): the
+    scripts finish that step, save and return, exactly as for Ctrl-C or a cluster's preemption notice."""
+    calls = []
+    real = ldae.step_seed
+
+    def step_seed(seed, step, rank):
+        calls.append(step)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        real(seed, step, rank)
+
+    monkeypatch.setattr(ldae, "step_seed", step_seed)
+    return calls
+
+
+LDAE_KEYS = ("stage", "finished", "unet", "unet_ema", "encoder", "encoder_ema", "optimizer", "scaler", "step",
+             "best_ssim", "latent_scale")
+
+
+# ----------------------------------------------------------------------------- full runs
+
+def test_tiny_runs_of_both_stages_write_checkpoints_that_load_with_weights_only(ae_run, ldae_run):
+    ae = load(ae_run / "ae.pt")
+    assert ae["step"] == AE_STEPS and ae["config"]["preset"] == "tiny"
+    assert 0 < ae["latent_scale"] < float("inf")
+    assert load(ae_run / "ae.prev.pt")["step"] == AE_STEPS  # the periodic save before the final one
+    assert set(json.loads((ae_run / "split.json").read_text()).values()) == {"train", "val", "test"}
+    assert (ae_run / "images.npy").exists() and (ae_run / "latents.pt").exists()
+
+    state = load(ldae_run / "ldae.pt")
+    assert state["stage"] == "repr" and state["finished"] and state["step"] == LDAE_STEPS
+    assert state["preset"] == "tiny" and state["latent_scale"] == ae["latent_scale"]
+    assert all(torch.isfinite(t).all() for t in state["unet_ema"].values())
+    # Stage 2b ran in the same process as 2a and still trained the estimator, whose head starts at zero.
+    assert state["unet"]["estimator.head.2.weight"].abs().max() > 0
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+def test_stage_1_interrupted_then_resumed_equals_the_uninterrupted_run(ae_run, cohort, tmp_path, monkeypatch):
+    run, real_step_seed = tmp_path / "run", ldae.step_seed
+    calls = interrupt_on_step_call(monkeypatch, 3)
+    assert run_cli("train_ae.py", "--data", cohort, "--out", run, *AE_FLAGS) == (0, "")
+    stopped = load(run / "ae.pt")
+    assert calls == [0, 1, 2] and stopped["step"] == 3 and "latent_scale" not in stopped
+
+    monkeypatch.setattr(ldae, "step_seed", real_step_seed)
+    assert run_cli("train_ae.py", "--data", cohort, "--out", run, *AE_FLAGS, "--resume") == (0, "")
+    resumed, one_go = load(run / "ae.pt"), load(ae_run / "ae.pt")
+    for key in AE_KEYS:
+        assert_identical(resumed[key], one_go[key], key)
+
+
+def test_stage_2_interrupted_in_each_stage_then_resumed_equals_the_uninterrupted_run(ldae_run, ae_run, copy_run,
+                                                                                    monkeypatch):
+    run = copy_run(ae_run)
+    real_step_seed = ldae.step_seed
+    interrupt_on_step_call(monkeypatch, 2)  # during stage 2a step 1
+    assert run_cli("train_ldae.py", "--out", run, *LDAE_FLAGS) == (0, "")
+    state = load(run / "ldae.pt")
+    assert (state["stage"], state["finished"], state["step"]) == ("pretrain", False, 2)
+
+    monkeypatch.setattr(ldae, "step_seed", real_step_seed)
+    interrupt_on_step_call(monkeypatch, 3)  # 2a step 2, 2b step 0, then during 2b step 1
+    assert run_cli("train_ldae.py", "--out", run, *LDAE_FLAGS, "--resume") == (0, "")
+    state = load(run / "ldae.pt")
+    assert (state["stage"], state["finished"], state["step"]) == ("repr", False, 2)
+
+    monkeypatch.setattr(ldae, "step_seed", real_step_seed)
+    assert run_cli("train_ldae.py", "--out", run, *LDAE_FLAGS, "--resume") == (0, "")
+    resumed, one_go = load(run / "ldae.pt"), load(ldae_run / "ldae.pt")
+    for key in LDAE_KEYS:
+        assert_identical(resumed[key], one_go[key], key)
+
+
+def test_stage_2b_leaves_eps_theta_at_the_stage_2a_ema_weights(ae_run, copy_run):
+    run = copy_run(ae_run)
+    assert run_cli("train_ldae.py", "--out", run, "--stage", "pretrain", *LDAE_FLAGS) == (0, "")
+    pretrained = load(run / "ldae.pt")
+    assert pretrained["stage"] == "pretrain" and pretrained["finished"]
+    assert run_cli("train_ldae.py", "--out", run, "--stage", "repr", *LDAE_FLAGS) == (0, "")
+    trained = load(run / "ldae.pt")
+    assert trained["stage"] == "repr" and trained["finished"]
+
+    ema = pretrained["unet_ema"]
+    eps_theta = [k for k in ema if not k.startswith(("estimator.", "y_embed."))]
+    estimator = [k for k in ema if k.startswith("estimator.")]
+    assert eps_theta and estimator
+    for key in eps_theta:
+        assert torch.equal(trained["unet"][key], ema[key]), key
+        assert torch.equal(trained["unet_ema"][key], ema[key]), key
+    assert any(not torch.equal(trained["unet"][k], ema[k]) for k in estimator), "stage 2b trained nothing"
+
+
+# ----------------------------------------------------------------------------- processes and checkpoints
+
+def test_two_process_gloo_run_writes_a_loadable_checkpoint(cohort, tmp_path):
+    run = tmp_path / "run"
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_ae.py",
+                        "--data", cohort, "--out", run, "--preset", "tiny", "--steps", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = load(run / "ae.pt")
+    assert state["step"] == 2 and state["latent_scale"] > 0
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing in save_checkpoint gets to clean up after it."""
+
+
+def test_second_save_keeps_the_first_as_prev(tmp_path):
+    path = tmp_path / "ae.pt"
+    ldae.save_checkpoint({"step": 1}, path)
+    ldae.save_checkpoint({"step": 2}, path)
+    assert load(path)["step"] == 2 and load(tmp_path / "ae.prev.pt")["step"] == 1
+    assert not (tmp_path / "ae.pt.tmp").exists()
+
+
+@pytest.mark.parametrize("moment", ["half way through writing", "before keeping the old one as prev",
+                                    "between the two renames"])
+def test_a_kill_inside_save_leaves_a_loadable_checkpoint(tmp_path, monkeypatch, moment):
+    path = tmp_path / "ae.pt"
+    ldae.save_checkpoint({"step": 1, "w": torch.arange(1000.0)}, path)
+    if moment == "half way through writing":
+        def torch_save(state, f):
+            f.write(b"PK\x03\x04 half a zip")
+            raise Killed
+        monkeypatch.setattr(torch, "save", torch_save)
+    else:
+        real_replace, replaces = os.replace, []
+
+        def replace(src, dst):
+            replaces.append(dst)
+            if len(replaces) == (1 if moment == "before keeping the old one as prev" else 2):
+                raise Killed
+            real_replace(src, dst)
+        monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Killed):
+        ldae.save_checkpoint({"step": 2, "w": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+
+    assert torch.equal(ldae.load_checkpoint(path, fallback=True)["w"], torch.arange(1000.0))
+    ldae.save_checkpoint({"step": 3}, path)  # a leftover temp file does not get in the way
+    assert ldae.load_checkpoint(path)["step"] == 3
+
+
+# ----------------------------------------------------------------------------- a NaN loss
+
+def test_nan_loss_from_a_huge_learning_rate_stops_with_the_step(cohort, tmp_path):
+    run = tmp_path / "run"
+    code, message = run_cli("train_ae.py", "--data", cohort, "--out", run, "--preset", "tiny", "--steps", "4",
+                            "--save-every", "1", "--lr", "1e30", "--amp", "off")
+    step = re.search(r"loss is nan at step (\d+)", message)
+    assert code == 1 and step and f"last good checkpoint {run / 'ae.pt'} is kept" in message
+    assert load(run / "ae.pt")["step"] == int(step[1])  # saved after every step: the one before the NaN
+
+
+def test_nan_loss_stops_stage_1_and_keeps_the_last_good_checkpoint(cohort, tmp_path, monkeypatch):
+    run, real_ssim = tmp_path / "run", ldae.ssim3d
+    steps = interrupt_on_step_call(monkeypatch, 0)  # only records the step
+    monkeypatch.setattr(ldae, "ssim3d", lambda *a, **k: real_ssim(*a, **k) * (float("nan") if steps[-1] == 2 else 1))
+    code, message = run_cli("train_ae.py", "--data", cohort, "--out", run, *AE_FLAGS)
+    assert code == 1 and "loss is nan at step 2" in message and "last good checkpoint" in message
+    state = load(run / "ae.pt")
+    assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_nan_loss_stops_stage_2a_and_names_the_step(ae_run, copy_run, monkeypatch):
+    run, real_loss = copy_run(ae_run), ldae.Diffusion.pretrain_loss
+    steps = interrupt_on_step_call(monkeypatch, 0)
+    monkeypatch.setattr(ldae.Diffusion, "pretrain_loss",
+                        lambda self, *a: real_loss(self, *a) * (float("nan") if steps[-1] == 1 else 1))
+    code, message = run_cli("train_ldae.py", "--out", run, *LDAE_FLAGS)
+    assert code == 1 and "loss is nan at step 1 of stage 2a" in message
+    assert load(run / "ldae.pt")["step"] == 1
