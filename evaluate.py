@@ -11,12 +11,15 @@ Probes run in float64: the inputs are cast there, whatever dtype the caller pass
 """
 import json
 import math
+import os
 import struct
 import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # huge pages: large 3D activations without page-fault storms
 
 import nibabel as nib
 import numpy as np
@@ -427,13 +430,25 @@ def fit_probe(kind, X, y, groups):
     """A logistic or ridge probe on z-scored features X: l2 chosen on a by-subject split of X (choose_l2),
     then refit on all of X. The logistic l2 is chosen by validation log-loss (defined even when a
     validation fold holds one class only), the ridge l2 by validation MAE."""
+    one_class = []
+
+    def fit(X_fit, y_fit, l2):
+        if kind == "ridge":
+            return fit_ridge(X_fit, y_fit, l2)
+        if y_fit.min() == y_fit.max():  # the fitting fold holds one diagnosis: no finite optimum
+            one_class.append(l2)
+            return torch.zeros(X_fit.shape[1], dtype=torch.float64), torch.tensor(20.0 * (2 * float(y_fit[0]) - 1))
+        return fit_logistic(X_fit, y_fit, l2)
+
     if kind == "logistic":
-        fit = fit_logistic
         score = lambda Xv, yv, w, b: -float(F.binary_cross_entropy(predict_logistic(Xv, w, b), yv.double()))
     else:
-        fit = fit_ridge
         score = lambda Xv, yv, w, b: -float((predict_ridge(Xv, w, b) - yv.double()).abs().mean())
     l2 = choose_l2(fit, score, X, y, groups, L2_GRID)
+    if one_class:
+        l2 = 1.0
+        print("warning: the by-subject l2 search left one diagnosis in its fitting fold (too few subjects); "
+              "using l2 = 1 (sklearn's default C = 1)")
     w, b = fit(X, y, l2)
     return Probe(l2, w, b)
 
@@ -719,6 +734,28 @@ def timed(fn, repeats, device):
     return (time.perf_counter() - start) / repeats
 
 
+def conv_peak(device, amp):
+    """The machine's own Conv3d rate (FLOP/s): one wide 3x3x3 convolution, the best case of our networks."""
+    conv = torch.nn.Conv3d(64, 64, 3, padding=1).to(device)
+    x = torch.randn(1, 64, 32, 40, 32, device=device)
+    flops = 2 * 64 * 64 * 27 * x[0, 0].numel()
+    with torch.no_grad(), amp:
+        conv(x)
+        return flops / timed(lambda: conv(x), 3, device)
+
+
+def autoencoder_training_rate(run):
+    """FLOP/s achieved by one autoencoder forward + backward at the run's preset (what stage 1 spends)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ae = run.preset.autoencoder().to(run.device)
+    x = torch.rand(1, 1, *run.preset.image_shape, device=run.device)
+    step = lambda: ae(x)[0].abs().mean().backward()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / timed(step, 2, run.device)
+
+
 def task_throughput(run, cfg):
     """Seconds per volume of a full reconstruction, batch 1: LDAE (semantic encode, AE encode, DDIM inversion,
     DDIM decode, AE decode) against the voxel DAE (semantic encode, DDIM inversion and decode on the image)."""
@@ -755,10 +792,12 @@ def task_throughput(run, cfg):
     flops["ratio"] = flops["dae_unet"] / flops["ldae_unet"]
     params = lambda m: sum(p.numel() for p in m.parameters())
     largest = max(per_steps, key=lambda p: p["steps"])
+    peak, achieved = conv_peak(run.device, run.amp), autoencoder_training_rate(run)
+    machine = {"conv3d_peak_gflops": peak / 1e9, "ae_train_gflops": achieved / 1e9, "ae_train_of_peak": achieved / peak}
     return largest | {"shape": list(run.preset.image_shape), "latent_shape": list(latent_shape),
                       "per_steps": per_steps, "flops_per_call": flops, "dae_config": dae_config,
                       "parameters": {"ldae_unet": params(run.unet), "dae_unet": params(dae)},
-                      "device": str(run.device), "threads": torch.get_num_threads(),
+                      "device": str(run.device), "threads": torch.get_num_threads(), "machine": machine,
                       "note": "top-level times are for the largest steps; each DDIM step is one network call, "
                               "inversion and decode both count"}
 
@@ -799,6 +838,9 @@ def main(cfg):
                   f"voxel DAE {p['dae_s_per_volume']:.3f} s/volume   speed-up {p['speedup']:.1f}x")
         f = result["flops_per_call"]
         print(f"  FLOPs per UNet call: LDAE {f['ldae_unet']:.3g}, voxel DAE {f['dae_unet']:.3g} ({f['ratio']:.1f}x)")
+        m = result["machine"]
+        print(f"  Conv3d peak {m['conv3d_peak_gflops']:.0f} GFLOP/s; autoencoder training step "
+              f"{m['ae_train_gflops']:.0f} GFLOP/s = {100 * m['ae_train_of_peak']:.0f}% of it")
     elif cfg.task == "manipulate":
         for s in result["scans"]:
             regions = "  ".join(f"{r} {s[r]['difference_share']:.3f} of |diff| vs {s[r]['volume_share']:.3f} of brain"

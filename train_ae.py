@@ -71,16 +71,17 @@ def main(cfg):
     rank, world, device = ldae.setup_process()
     run = Path(cfg.out)
     ckpt_path = run / "ae.pt"
-    if rank == 0:
-        print(json.dumps(asdict(cfg), indent=1))
     if cfg.preset not in ldae.PRESETS:
         raise SystemExit(f"--preset {cfg.preset!r}: choose one of {', '.join(ldae.PRESETS)}")
     state = None
     if cfg.resume and (ckpt_path.exists() or ckpt_path.with_suffix(".prev.pt").exists()):
         state = ldae.load_checkpoint(ckpt_path, fallback=True)
+        # A resumed run keeps its own config (only --steps may extend it), so it continues the same schedule.
         cfg = Config(**{**state["config"], "resume": True, "steps": cfg.steps or state["config"]["steps"]})
     elif ckpt_path.exists() and not cfg.resume:
         raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or --out NEW_FOLDER for a new run")
+    if rank == 0:
+        print(json.dumps(asdict(cfg), indent=1))
     preset = ldae.PRESETS[cfg.preset]
 
     folder = Path(cfg.data) if cfg.data else data.ensure_demo()

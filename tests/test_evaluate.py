@@ -1,10 +1,11 @@
-"""evaluate.py end to end: a tiny synthetic cohort, a tiny trained run, every task through the command line."""
+"""evaluate.py end to end on the shared tiny run (conftest.py): every task through the command line."""
 import json
 import math
+import shutil
 import struct
-import subprocess
 import sys
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import nibabel as nib
@@ -12,46 +13,38 @@ import numpy as np
 import pytest
 import torch
 
-import data
-import ldae
-from evaluate import Config, main, write_png
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+import ldae  # noqa: E402
+from conftest import load, run_script  # noqa: E402
+from evaluate import Config, main, write_png  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")  # the in-process calls: one thread, like the subprocesses
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def run_script(script, *args, cwd, check=True):
-    result = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, capture_output=True,
-                            text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n"
-                             f"{result.stderr[-3000:]}")
-    return result
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A synthetic cohort of 10 subjects (test split with AD and CN) and a run trained for a few steps: the
-    networks are barely trained, so only the plumbing and the ranges of the numbers are checked."""
-    root = tmp_path_factory.mktemp("evaluate")
-    cohort, out = root / "cohort", root / "runs"
-    run_script("data.py", "--synth", cohort, "--subjects", 10, "--seed", 1, cwd=root)
-    split = data.make_split(data.read_table(cohort))
-    test_diagnoses = {r["diagnosis"] for r in data.read_table(cohort) if split[r["subject"]] == "test"}
-    assert {"AD", "CN"} <= test_diagnoses, "the fixture's cohort must put AD and CN subjects in the test split"
-    run_script("train_ae.py", "--data", cohort, "--preset", "tiny", "--steps", 10, "--out", out, cwd=root)
-    run_script("train_ldae.py", "--out", out, "--steps", 4, "--val-steps", 2, "--batch-size", 4,
-               "--repr-batch-size", 4, cwd=root)
-    return out
+def run(ldae_run, tmp_path_factory):
+    """A private copy of the session's tiny finished run (conftest.py: 8 synthetic subjects, a few training
+    steps). The networks are barely trained, so only the plumbing and the ranges of the numbers are checked."""
+    run = tmp_path_factory.mktemp("evaluate") / "run"
+    shutil.copytree(ldae_run, run)
+    state = load(run / "ae.pt")
+    test_rows = [r for r in data.read_table(state["data_dir"]) if state["split"][r["subject"]] == "test"]
+    assert {"AD", "CN"} <= {r["diagnosis"] for r in test_rows}, "the shared cohort must have AD and CN in test"
+    assert max(Counter(r["subject"] for r in test_rows).values()) >= 3, "a test subject needs 3 visits"
+    return run
 
 
 def evaluate(run, task, *args):
-    run_script("evaluate.py", "--task", task, "--out", run, *args, cwd=run.parent)
+    result = run_script("evaluate.py", "--task", task, "--out", run, *args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads((run / "eval" / f"{task}.json").read_text())
 
 
 def input_scan(run, subject, session):
-    rows = data.read_table(torch.load(run / "ae.pt", weights_only=True)["data_dir"])
+    rows = data.read_table(load(run / "ae.pt")["data_dir"])
     return nib.load(next(r["path"] for r in rows if r["subject"] == subject and r["session"] == session))
 
 
@@ -75,7 +68,7 @@ def test_write_png_round_trips_pixels(tmp_path):
 
 
 def test_evaluate_before_training_says_which_command_to_run(tmp_path):
-    result = run_script("evaluate.py", "--task", "ad", "--out", tmp_path / "empty", cwd=tmp_path, check=False)
+    result = run_script("evaluate.py", "--task", "ad", "--out", tmp_path / "empty")
     assert result.returncode != 0
     assert "train_ae.py" in result.stderr and "Traceback" not in result.stderr
 
@@ -92,7 +85,7 @@ def test_ad_probe_refuses_a_test_split_without_ad(run, tmp_path):
     moved.mkdir()
     for name in ("ldae.pt", "latents.pt", "images.npy", "images.json"):
         (moved / name).write_bytes((run / name).read_bytes())
-    state = torch.load(run / "ae.pt", weights_only=True)
+    state = load(run / "ae.pt")
     rows = data.read_table(state["data_dir"])
     for r in rows:
         if r["diagnosis"] == "AD" and state["split"][r["subject"]] == "test":
