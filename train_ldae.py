@@ -133,6 +133,8 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
         trainable = [p for p in unet.parameters() if p.requires_grad]
         batch_size, epochs = cfg.batch_size, cfg.pretrain_epochs
     unet_ema, encoder_ema = copy.deepcopy(unet).eval(), copy.deepcopy(encoder).eval()
+    decoder = preset.autoencoder().to(device).eval()  # for the validation reconstructions
+    decoder.load_state_dict(ae_state["model"])
     opt = torch.optim.Adam(trainable, lr=cfg.lr)
     amp_ctx, fp16 = ldae.autocast(device, cfg.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
@@ -199,7 +201,8 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}")
         if stage == "repr" and step % steps_per_epoch == 0 and rank == 0 and val_idx:
-            ssim = validate(diffusion, unet_ema, encoder_ema, ae_state, preset, images, latents, val_idx, cfg, device)
+            ssim = validate(diffusion, unet_ema, encoder_ema, decoder, latent_scale, images, latents,
+                            val_idx, cfg, device)
             best_ssim = max(best_ssim, ssim)
             bar.write(f"epoch {step // steps_per_epoch}: validation reconstruction SSIM ({cfg.val_steps} DDIM "
                       f"steps) {ssim:.4f}")
@@ -217,15 +220,13 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
 
 
 @torch.no_grad()
-def validate(diffusion, unet, encoder, ae_state, preset, images, latents, indices, cfg, device):
+def validate(diffusion, unet, encoder, ae, latent_scale, images, latents, indices, cfg, device):
     """Mean SSIM of x against its LDAE reconstruction: y_sem, DDIM-encoded z_T, DDIM decode, AE decode."""
-    ae = preset.autoencoder().to(device).eval()
-    ae.load_state_dict(ae_state["model"])
     x = torch.tensor(images[indices]).to(device)
     y_sem = encoder(x)
     z_T = diffusion.ddim_encode(unet, latents[indices].to(device), y_sem, cfg.val_steps)
     z0 = diffusion.ddim_sample(unet, z_T, y_sem, cfg.val_steps)
-    x_hat = ae.decode(z0 / ae_state["latent_scale"])
+    x_hat = ae.decode(z0 / latent_scale)
     return ldae.ssim3d(x_hat, x).mean().item()
 
 
