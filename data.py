@@ -404,7 +404,7 @@ def weights_fingerprint(state_dict):
     digest = hashlib.sha1()
     for name, tensor in state_dict.items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

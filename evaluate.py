@@ -252,6 +252,7 @@ class Run:
     diffusion: ldae.Diffusion
     device: torch.device
     amp: object  # autocast context, reusable
+    precision: torch.dtype  # what amp computes in (float32 when off)
 
     def indices(self, *parts):
         return [i for i, r in enumerate(self.rows) if self.split.get(r["subject"]) in parts]
@@ -294,10 +295,11 @@ def open_run(cfg):
     ae.load_state_dict(ae_state["model"])
     unet.load_state_dict(state["unet_ema"])
     encoder.load_state_dict(state["encoder_ema"])
-    amp, _ = ldae.autocast(device, cfg.amp)
+    amp, precision = ldae.autocast(device, cfg.amp, inference=True)
     print(f"{path}: preset {ae_cfg['preset']}, {len(rows)} scans, device {device}")
-    return Run(path, preset, ae_cfg, rows, images, latents, ae_state["latent_scale"], ae_state["split"],
-               ae.to(device).eval(), unet.to(device).eval(), encoder.to(device).eval(), ldae.Diffusion(), device, amp)
+    ae = ae.to(device, memory_format=ldae.memory_format(device)).eval()
+    return Run(path, preset, ae_cfg, rows, images, latents, ae_state["latent_scale"], ae_state["split"], ae,
+               unet.to(device).eval(), encoder.to(device).eval(), ldae.Diffusion(), device, amp, precision)
 
 
 # ---- network passes, batched; every output float32 on the device
@@ -637,7 +639,10 @@ def task_interpolate(run, cfg):
     if not subjects:
         raise SystemExit(f"error: no test subject of {run.path / 'ae.pt'} has 3 or more visits; interpolation "
                          "needs them")
-    scores = {"ldae": {}, "ldae_vs_autoencoder": {}, "nearest_visit": {}, "linear_blend": {}}
+    # Against the real middle scan every LDAE output carries the autoencoder's own error, which real visits do
+    # not; so the baselines are also scored where upstream scores LDAE, on the autoencoder's reconstructions.
+    scores = {"ldae": {}, "nearest_visit": {}, "linear_blend": {}, "ldae_vs_autoencoder": {},
+              "nearest_visit_vs_autoencoder": {}, "linear_blend_vs_autoencoder": {}}
 
     def add(method, gap, x_hat, x):
         for m in image_metrics(x_hat, x):
@@ -655,10 +660,13 @@ def task_interpolate(run, cfg):
             gap = f"{months[k] - months[i]:g}"
             x_hat = ddim_decode(run, ldae.slerp(z_T[[i]], z_T[[j]], a), ldae.lerp(y[[i]], y[[j]], a), cfg.steps,
                                 cfg.clip_z0)
+            nearest = i if months[k] - months[i] <= months[j] - months[k] else j
             add("ldae", gap, x_hat, x[[k]])
-            add("ldae_vs_autoencoder", gap, x_hat, x_ae[[k]])
-            add("nearest_visit", gap, x[[i if months[k] - months[i] <= months[j] - months[k] else j]], x[[k]])
+            add("nearest_visit", gap, x[[nearest]], x[[k]])
             add("linear_blend", gap, ldae.lerp(x[[i]], x[[j]], a), x[[k]])
+            add("ldae_vs_autoencoder", gap, x_hat, x_ae[[k]])
+            add("nearest_visit_vs_autoencoder", gap, x_ae[[nearest]], x_ae[[k]])
+            add("linear_blend_vs_autoencoder", gap, ldae.lerp(x_ae[[i]], x_ae[[j]], a), x_ae[[k]])
     result = {method: {gap: {k: v for k, v in mean_metrics(m).items() if k in ("ssim", "ssim_brain", "mse", "n")}
                        for gap, m in sorted(per_gap.items(), key=lambda g: float(g[0]))}
               for method, per_gap in scores.items()}
@@ -712,13 +720,15 @@ def voxel_dae(run, base):
     return ldae.UNet(**config).to(run.device).eval(), config
 
 
-def flops_per_call(unet, shape, y_dim, device):
+def flops_per_call(make_unet, shape, y_dim):
+    """FLOPs of one UNet call, counted on the meta device (no compute, and every convolution is seen)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    z, y = torch.zeros(1, *shape, device=device), torch.zeros(1, y_dim, device=device)
-    t = torch.zeros(1, dtype=torch.long, device=device)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        unet(z, t, y)
+    with torch.device("meta"):
+        unet = make_unet()
+        z, y, t = torch.zeros(1, *shape), torch.zeros(1, y_dim), torch.zeros(1, dtype=torch.long)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            unet(z, t, y)
     return counter.get_total_flops()
 
 
@@ -734,26 +744,44 @@ def timed(fn, repeats, device):
     return (time.perf_counter() - start) / repeats
 
 
-def conv_peak(device, amp):
+def conv_peak(device, dtype=torch.float32):
     """The machine's own Conv3d rate (FLOP/s): one wide 3x3x3 convolution, the best case of our networks."""
-    conv = torch.nn.Conv3d(64, 64, 3, padding=1).to(device)
-    x = torch.randn(1, 64, 32, 40, 32, device=device)
+    conv = ldae.conv3(64, 64).to(device, dtype)
+    x = torch.randn(1, 64, 32, 40, 32, device=device, dtype=dtype)
     flops = 2 * 64 * 64 * 27 * x[0, 0].numel()
-    with torch.no_grad(), amp:
+    with torch.no_grad():
         conv(x)
         return flops / timed(lambda: conv(x), 3, device)
 
 
-def autoencoder_training_rate(run):
-    """FLOP/s achieved by one autoencoder forward + backward at the run's preset (what stage 1 spends)."""
+def autoencoder_training_rate(preset, device, amp="auto"):
+    """FLOP/s achieved by one autoencoder forward + backward as stage 1 runs it (its default precision)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    ae = run.preset.autoencoder().to(run.device)
-    x = torch.rand(1, 1, *run.preset.image_shape, device=run.device)
-    step = lambda: ae(x)[0].abs().mean().backward()
-    with FlopCounterMode(display=False) as counter:
-        step()
-    return counter.get_total_flops() / timed(step, 2, run.device)
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        preset.autoencoder()(torch.zeros(1, 1, *preset.image_shape))[0].abs().mean().backward()
+    ae = preset.autoencoder().to(device)
+    x = torch.rand(1, 1, *preset.image_shape, device=device)
+    ctx, _ = ldae.autocast(device, amp)
+
+    def step():
+        with ctx:
+            loss = ae(x)[0].float().abs().mean()
+        loss.backward()
+    step()
+    return counter.get_total_flops() / timed(step, 2, device)
+
+
+def precision_check(run, x):
+    """The inference precision in use, and what it changes: SSIM of the autoencoder's reconstruction of x
+    under it minus under float32 (issue: bfloat16 only where this stays below 0.001)."""
+    with torch.no_grad():
+        reference = run.ae.decode(run.ae.encode(x)[0]).float()
+        with run.amp:
+            reduced = run.ae.decode(run.ae.encode(x)[0]).float()
+    change = abs(ldae.ssim3d(reduced, x).item() - ldae.ssim3d(reference, x).item())
+    return {"dtype": str(run.precision).replace("torch.", ""), "ssim_change": change,
+            "max_abs_difference": (reduced - reference).abs().max().item()}
 
 
 def task_throughput(run, cfg):
@@ -787,17 +815,22 @@ def task_throughput(run, cfg):
         per_steps.append({"steps": s, "ldae_s_per_volume": t_ldae, "dae_s_per_volume": t_dae,
                           "speedup": t_dae / t_ldae})
     latent_shape = tuple(run.latents.shape[1:])
-    flops = {"ldae_unet": flops_per_call(run.unet, latent_shape, run.preset.y_dim, run.device),
-             "dae_unet": flops_per_call(dae, (1, *run.preset.image_shape), run.preset.y_dim, run.device)}
+    flops = {"ldae_unet": flops_per_call(run.preset.unet, latent_shape, run.preset.y_dim),
+             "dae_unet": flops_per_call(lambda: ldae.UNet(**dae_config), (1, *run.preset.image_shape),
+                                        run.preset.y_dim)}
     flops["ratio"] = flops["dae_unet"] / flops["ldae_unet"]
     params = lambda m: sum(p.numel() for p in m.parameters())
     largest = max(per_steps, key=lambda p: p["steps"])
-    peak, achieved = conv_peak(run.device, run.amp), autoencoder_training_rate(run)
-    machine = {"conv3d_peak_gflops": peak / 1e9, "ae_train_gflops": achieved / 1e9, "ae_train_of_peak": achieved / peak}
+    achieved = autoencoder_training_rate(run.preset, run.device)
+    machine = {"conv3d_peak_gflops": conv_peak(run.device) / 1e9, "ae_train_gflops": achieved / 1e9}
+    if run.device.type == "cuda" or ldae.cpu_has_bf16():
+        machine["conv3d_peak_bf16_gflops"] = conv_peak(run.device, torch.bfloat16) / 1e9
+    machine["ae_train_of_peak"] = achieved / 1e9 / max(machine.values())
     return largest | {"shape": list(run.preset.image_shape), "latent_shape": list(latent_shape),
                       "per_steps": per_steps, "flops_per_call": flops, "dae_config": dae_config,
                       "parameters": {"ldae_unet": params(run.unet), "dae_unet": params(dae)},
                       "device": str(run.device), "threads": torch.get_num_threads(), "machine": machine,
+                      "inference_precision": precision_check(run, x),
                       "note": "top-level times are for the largest steps; each DDIM step is one network call, "
                               "inversion and decode both count"}
 

@@ -20,8 +20,20 @@ def group_norm(channels):
     return nn.GroupNorm(math.gcd(32, channels), channels)
 
 
+class Conv3d(nn.Conv3d):
+    """nn.Conv3d that always takes oneDNN for float32 on the CPU. PyTorch's size heuristic sends batch-1
+    volumes with few channels x slices to a naive kernel that is 2-7x slower (the UNet on a cpu-preset
+    latent, the deeper autoencoder levels)."""
+
+    def _conv_forward(self, x, weight, bias):
+        if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+                and not torch.is_autocast_enabled("cpu")):
+            return torch.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation, self.groups)
+        return super()._conv_forward(x, weight, bias)
+
+
 def conv3(cin, cout, stride=1):
-    return nn.Conv3d(cin, cout, 3, stride=stride, padding=1)
+    return Conv3d(cin, cout, 3, stride=stride, padding=1)
 
 
 def zero_init(module):
@@ -81,9 +93,9 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    def __init__(self, channels):
+    def __init__(self, channels, out_channels=None):
         super().__init__()
-        self.conv = conv3(channels, channels)
+        self.conv = conv3(channels, out_channels or channels)
 
     def forward(self, x, conds=()):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -125,13 +137,14 @@ class AutoencoderKL(nn.Module):
         self.encoder = nn.ModuleList(encoder)
         self.moments = nn.Conv3d(2 * latent_channels, 2 * latent_channels, 1)  # mean and log-variance heads
 
+        # The decoder mirrors the encoder. Each upsampling convolution already maps to the finer level's
+        # channels, so no full-resolution convolution runs at the coarser width (half the decoder's cost).
         decoder = [conv3(latent_channels, ch)]
-        for level, c in reversed(list(enumerate(channels))):
-            for _ in range(blocks):
-                decoder.append(ResBlock(ch, c))
-                ch = c
+        for level in reversed(range(len(channels))):
+            decoder += [ResBlock(ch, ch) for _ in range(blocks)]
             if level > 0:
-                decoder.append(Upsample(ch))
+                decoder.append(Upsample(ch, channels[level - 1]))
+                ch = channels[level - 1]
         decoder += [group_norm(ch), nn.SiLU(), conv3(ch, 1)]  # no output activation
         self.decoder = nn.ModuleList(decoder)
 
@@ -497,7 +510,7 @@ PRESETS = {
                    disc_channels=8, disc_layers=1, unet_base=16, unet_mults=(1, 2), unet_blocks=1,
                    unet_attention=(2,), unet_heads=1, dropout=0.0, y_dim=16, encoder_widths=(8, 16),
                    encoder_heads=2),
-    "cpu": Preset(image_shape=(48, 64, 48), spacing=3.5, ae_channels=(16, 32, 64), ae_blocks=1, latent_channels=3,
+    "cpu": Preset(image_shape=(48, 64, 48), spacing=3.5, ae_channels=(16, 32, 64), ae_blocks=1, latent_channels=8,
                   disc_channels=16, disc_layers=3, unet_base=32, unet_mults=(1, 2, 2), unet_blocks=1,
                   unet_attention=(4,), unet_heads=1, dropout=0.0, y_dim=128, encoder_widths=(16, 32, 64, 128),
                   encoder_heads=8),
@@ -544,14 +557,33 @@ def setup_process():
     return rank, world, device
 
 
-def autocast(device, amp):
-    """amp: 'auto' (bfloat16 on CUDA when supported, else float16; off on CPU), 'bf16', 'fp16' or 'off'."""
+def cpu_has_bf16():
+    """True where oneDNN has native bfloat16 kernels (AVX-512 BF16 or AMX). Elsewhere a bfloat16 Conv3d falls
+    back to a naive kernel ~50x slower than float32 (seen on an AVX2-only Zen 3)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def autocast(device, amp, inference=False):
+    """(autocast context, its dtype). amp: 'auto', 'bf16', 'fp16' or 'off'. 'auto' is bfloat16 on CUDA when
+    supported, else float16; on the CPU it is bfloat16 for inference where the CPU has native bfloat16
+    (evaluate.py checks the SSIM change), float32 otherwise (CPU training stays float32: its numerics are what
+    the tests and the demo measured)."""
     if amp == "auto":
-        amp = "off" if device.type == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        if device.type == "cpu":
+            amp = "bf16" if inference and cpu_has_bf16() else "off"
+        else:
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if amp not in ("bf16", "fp16", "off"):
         raise ValueError(f"--amp {amp!r}: choose auto, bf16, fp16 or off")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype, enabled=amp != "off"), amp == "fp16"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}[amp]
+    return torch.autocast(device.type, dtype=dtype, enabled=amp != "off"), dtype
+
+
+def memory_format(device):
+    """Layout for the autoencoder and discriminator: channels_last_3d on the CPU, where oneDNN runs their
+    few-channel full-resolution convolutions faster in it (cpu preset: training step 1.29 -> 1.20 s, decoding
+    0.27 -> 0.21 s); PyTorch's default layout elsewhere."""
+    return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
 
 
 @torch.no_grad()

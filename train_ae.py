@@ -59,7 +59,7 @@ def evaluate_ae(ae, images, indices, device):
     ssims, mses = [], []
     with torch.no_grad():
         for i in indices:
-            x = torch.tensor(images[i][None]).to(device)
+            x = torch.tensor(images[i][None]).to(device, memory_format=ldae.memory_format(device))
             x_hat = ae.decode(ae.encode(x)[0]).float()
             ssims.append(ldae.ssim3d(x_hat, x).item())
             mses.append(F.mse_loss(x_hat, x).item())
@@ -100,12 +100,13 @@ def main(cfg):
     total = cfg.steps or cfg.epochs * steps_per_epoch
 
     torch.manual_seed(cfg.seed)
-    ae = preset.autoencoder(cfg.checkpointing).to(device)
-    disc = preset.discriminator().to(device)
+    layout = ldae.memory_format(device)
+    ae = preset.autoencoder(cfg.checkpointing).to(device, memory_format=layout)
+    disc = preset.discriminator().to(device, memory_format=layout)
     opt = torch.optim.Adam(ae.parameters(), lr=cfg.lr)
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr_d)
-    amp_ctx, fp16 = ldae.autocast(device, cfg.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+    amp_ctx, amp_dtype = ldae.autocast(device, cfg.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     step = 0
     if state:
         ae.load_state_dict(state["model"])
@@ -137,7 +138,7 @@ def main(cfg):
         losses, adversarial = {}, step >= adv_start
         for micro in range(cfg.accumulate):
             ids = [train_idx[i] for i in batch_ids[micro * cfg.batch_size:(micro + 1) * cfg.batch_size]]
-            x = torch.tensor(images[ids]).to(device)
+            x = torch.tensor(images[ids]).to(device, memory_format=layout)
             with amp_ctx:
                 x_hat, mean, logvar = model(x)
                 x_hat = x_hat.float()
@@ -205,8 +206,9 @@ def finish(ae, images, rows, train_idx, run, device):
     """Encode every scan once (the posterior mean: the cleaner choice, METHOD 1), set the latent scale
     s = 1 / std of the training latents, and cache the scaled latents for stage 2."""
     ae.eval()
-    means = torch.cat([ae.encode(torch.tensor(images[i][None]).to(device))[0].float().cpu()
-                       for i in tqdm(range(len(rows)), desc="caching latents")])
+    layout = ldae.memory_format(device)
+    means = torch.cat([ae.encode(torch.tensor(images[i][None]).to(device, memory_format=layout))[0].float().cpu()
+                       .contiguous() for i in tqdm(range(len(rows)), desc="caching latents")])
     latent_scale = 1.0 / means[train_idx].std().item()
     data.save_latents(run / "latents.pt", means * latent_scale, ae.state_dict())
     return latent_scale

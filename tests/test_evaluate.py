@@ -156,3 +156,6 @@ def test_throughput_times_ldae_against_a_voxel_dae(run):
     assert result["ldae_s_per_volume"] > 0 and result["dae_s_per_volume"] > 0 and result["speedup"] > 0
     assert result["flops_per_call"]["dae_unet"] > result["flops_per_call"]["ldae_unet"] > 0
     assert result["shape"] == list(ldae.PRESETS["tiny"].image_shape)
+    precision = result["inference_precision"]
+    assert precision["dtype"] in ("float32", "bfloat16") and 0 <= precision["ssim_change"] < 0.01
+    assert result["machine"]["conv3d_peak_gflops"] > 0 and 0 < result["machine"]["ae_train_of_peak"] < 1.5

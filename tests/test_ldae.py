@@ -112,6 +112,32 @@ def test_bfloat16_autocast_forward_is_finite():
     assert all(torch.isfinite(v.float()).all() for v in (x_hat, eps, g))
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv3d_on_onednn_matches_the_reference_convolution(stride):
+    torch.manual_seed(0)
+    conv = ldae.conv3(4, 6, stride=stride)
+    x = torch.randn(1, 4, 6, 8, 6, requires_grad=True)
+    y = conv(x)  # batch 1, 4 x 6 x 8 < 20480: PyTorch itself would pick its naive kernel
+    reference = torch.nn.functional.conv3d(x, conv.weight, conv.bias, stride=stride, padding=1)
+    assert y.shape == reference.shape and torch.allclose(y, reference, atol=1e-5)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, conv.weight, conv.bias], g)
+    expected = torch.autograd.grad(reference, [x, conv.weight, conv.bias], g)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(grads, expected))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast the reference path casts as usual
+        assert conv(x).dtype == torch.bfloat16
+
+
+def test_auto_precision_keeps_cpu_training_in_float32():
+    cpu = torch.device("cpu")
+    assert ldae.autocast(cpu, "auto")[1] == torch.float32
+    expected = torch.bfloat16 if ldae.cpu_has_bf16() else torch.float32
+    assert ldae.autocast(cpu, "auto", inference=True)[1] == expected
+    assert ldae.autocast(cpu, "bf16")[1] == torch.bfloat16 and ldae.autocast(cpu, "off")[1] == torch.float32
+    with pytest.raises(ValueError, match="--amp"):
+        ldae.autocast(cpu, "fp8")
+
+
 def test_ssim_is_one_for_identical_and_drops_with_noise():
     torch.manual_seed(0)
     x = torch.rand(2, 1, 16, 16, 16)

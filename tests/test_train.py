@@ -114,6 +114,22 @@ def test_stage_2b_leaves_eps_theta_at_the_stage_2a_ema_weights(ae_run, copy_run)
     assert any(not torch.equal(trained["unet"][k], ema[k]) for k in estimator), "stage 2b trained nothing"
 
 
+def test_stage_2b_keeps_the_ema_weights_of_its_best_validation(ae_run, copy_run, monkeypatch):
+    run = copy_run(ae_run)
+    assert run_cli("train_ldae.py", "--out", run, "--stage", "pretrain", *LDAE_FLAGS) == (0, "")
+    scores = iter([0.5, 0.9, 0.2])  # the tiny run validates after each of its 3 steps; step 2 is the best
+    monkeypatch.setattr(ldae, "ssim3d", lambda x_hat, x, **_: torch.full((len(x),), next(scores)))
+    assert run_cli("train_ldae.py", "--out", run, "--stage", "repr", *LDAE_FLAGS) == (0, "")
+    state = load(run / "ldae.pt")
+    assert state["finished"] and state["step"] == LDAE_STEPS
+    assert state["best"]["step"] == 2 and state["best_ssim"] == pytest.approx(0.9)
+    assert_identical(state["unet_ema"], state["best"]["unet_ema"], "unet_ema")
+    assert_identical(state["encoder_ema"], state["best"]["encoder_ema"], "encoder_ema")
+    last = load(run / "ldae.prev.pt")  # the periodic save after step 3, before the best was put back
+    assert last["step"] == 3 and any(not torch.equal(v, last["encoder_ema"][k])
+                                     for k, v in state["encoder_ema"].items())
+
+
 # ----------------------------------------------------------------------------- processes and checkpoints
 
 def test_two_process_gloo_run_writes_a_loadable_checkpoint(cohort, tmp_path):

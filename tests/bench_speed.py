@@ -1,0 +1,166 @@
+"""Speed and memory of ldae's networks at one preset, batch 1, on this machine. A benchmark, not a test:
+pytest does not collect it, and it asserts nothing; it prints figures to compare across machines.
+
+    python tests/bench_speed.py [--preset paper] [--memory] [--monai]
+
+Prints the machine's own Conv3d rate (float32, and bfloat16 where the hardware has it); autoencoder encode and
+decode and one latent UNet step, in float32 and in the precision evaluate.py uses by default; one autoencoder
+forward + backward in FLOP/s against that peak; with --memory, the peak memory of one training step of each
+stage, the autoencoder with and without activation checkpointing (CUDA: max_memory_allocated; CPU: the peak
+resident size of a fresh process running just that step).
+"""
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the scripts do
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import evaluate  # noqa: E402
+import ldae  # noqa: E402
+
+STAGES = ("stage1", "stage1_checkpointing", "stage2a", "stage2b")
+
+
+def seconds(fn, repeats=2):
+    fn()  # warm-up: allocations and kernel choice
+    return evaluate.timed(fn, repeats, DEVICE)
+
+
+def speed(preset):
+    ae = preset.autoencoder().to(DEVICE, memory_format=ldae.memory_format(DEVICE)).eval()  # as evaluate.py
+    unet = preset.unet().to(DEVICE).eval()
+    x, z = torch.rand(1, 1, *preset.image_shape, device=DEVICE), torch.randn(1, *preset.latent_shape, device=DEVICE)
+    t = torch.tensor([500], device=DEVICE)
+    peak = evaluate.conv_peak(DEVICE)
+    print(f"Conv3d 64->64 peak: float32 {peak / 1e9:.0f} GFLOP/s")
+    if DEVICE.type == "cuda" or ldae.cpu_has_bf16():
+        peak = max(peak, evaluate.conv_peak(DEVICE, torch.bfloat16))
+        print(f"Conv3d 64->64 peak: bfloat16 {peak / 1e9:.0f} GFLOP/s")
+    for amp in ("off", "auto"):
+        ctx, dtype = ldae.autocast(DEVICE, amp, inference=True)
+        with torch.no_grad(), ctx:
+            times = {"AE encode": seconds(lambda: ae.encode(x)), "AE decode": seconds(lambda: ae.decode(z)),
+                     "latent UNet step": seconds(lambda: unet(z, t))}
+        print(f"{amp:>4} ({str(dtype).replace('torch.', '')}): "
+              + "   ".join(f"{name} {s:.3f} s" for name, s in times.items()))
+    rate = evaluate.autoencoder_training_rate(preset, DEVICE)
+    print(f"AE forward + backward (training precision): {rate / 1e9:.0f} GFLOP/s = {100 * rate / peak:.0f}% of "
+          f"the peak above")
+
+
+def monai_speed(preset):
+    """The same three calls with MONAI's AutoencoderKL and DiffusionModelUNet at the preset's configuration, with
+    MONAI's defaults (float32, contiguous): the reference the issue compares against. Needs `pip install monai`,
+    which ldae itself never imports."""
+    from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+
+    levels = len(preset.ae_channels)
+    ae = AutoencoderKL(spatial_dims=3, in_channels=1, out_channels=1, channels=preset.ae_channels,
+                       latent_channels=preset.latent_channels, num_res_blocks=preset.ae_blocks,
+                       attention_levels=(False,) * levels, with_encoder_nonlocal_attn=False,
+                       with_decoder_nonlocal_attn=False, norm_num_groups=min(32, *preset.ae_channels))
+    channels = tuple(preset.unet_base * m for m in preset.unet_mults)
+    unet = DiffusionModelUNet(spatial_dims=3, in_channels=preset.latent_channels,
+                              out_channels=preset.latent_channels, channels=channels,
+                              attention_levels=tuple(2 ** i in preset.unet_attention for i in range(len(channels))),
+                              num_res_blocks=preset.unet_blocks, num_head_channels=channels,
+                              norm_num_groups=min(32, preset.unet_base))
+    ae, unet = ae.to(DEVICE).eval(), unet.to(DEVICE).eval()
+    x, z = torch.rand(1, 1, *preset.image_shape, device=DEVICE), torch.randn(1, *preset.latent_shape, device=DEVICE)
+    t = torch.tensor([500], device=DEVICE)
+    with torch.no_grad():
+        times = {"AE encode": seconds(lambda: ae.encode(x)), "AE decode": seconds(lambda: ae.decode(z)),
+                 "latent UNet step": seconds(lambda: unet(z, t))}
+    params = sum(p.numel() for p in unet.parameters()) / 1e6
+    print(f"MONAI float32 defaults: " + "   ".join(f"{name} {s:.3f} s" for name, s in times.items())
+          + f"   (UNet {params:.0f} M parameters)")
+
+
+def stage_loss(preset, stage, device):
+    """(loss, trainable parameters) of one training step of a stage, batch 1, random data."""
+    diffusion = ldae.Diffusion()
+    if stage.startswith("stage1"):
+        ae = preset.autoencoder(checkpointing=stage.endswith("checkpointing")).to(device)
+        disc = preset.discriminator().to(device)
+        x = torch.rand(1, 1, *preset.image_shape, device=device)
+        x_hat, mean, logvar = ae(x)
+        loss = ((x_hat - x).abs().mean() + 1 - ldae.ssim3d(x_hat, x).mean() + ldae.kl_divergence(mean, logvar)
+                + (disc(x_hat) - 1).pow(2).mean() + disc(x).pow(2).mean())
+        return loss, list(ae.parameters()) + list(disc.parameters())
+    unet = preset.unet().to(device)
+    z0 = torch.randn(1, *preset.latent_shape, device=device)
+    if stage == "stage2a":
+        return diffusion.pretrain_loss(unet, z0), list(unet.parameters())
+    unet.freeze_eps_theta()
+    encoder = preset.encoder().to(device)
+    loss = diffusion.repr_loss(unet, encoder, z0, torch.rand(1, 1, *preset.image_shape, device=device))
+    return loss, [p for p in unet.parameters() if p.requires_grad] + list(encoder.parameters())
+
+
+def estimate_gib(preset, stage):
+    """Bytes the step keeps for backward, counted on the meta device (an upper bound: a tensor saved by two
+    operations counts twice), plus trainable weights, their gradients and Adam's two moments."""
+    saved = []
+    with torch.device("meta"), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+        _, params = stage_loss(preset, stage, torch.device("meta"))
+    return (sum(saved) + 4 * sum(p.numel() * p.element_size() for p in params)) / 2 ** 30
+
+
+def one_step(preset, stage):
+    """Run one optimiser step; (peak memory in GiB, seconds)."""
+    start = time.perf_counter()
+    loss, params = stage_loss(preset, stage, DEVICE)
+    opt = torch.optim.Adam(params)
+    loss.backward()
+    opt.step()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2 ** 30, time.perf_counter() - start
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, time.perf_counter() - start  # KiB
+
+
+def memory(preset_name):
+    preset = ldae.PRESETS[preset_name]
+    total = (torch.cuda.get_device_properties(DEVICE).total_memory if DEVICE.type == "cuda"
+             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / 2 ** 30
+    how = "max_memory_allocated" if DEVICE.type == "cuda" else "peak resident size of the process"
+    print(f"peak memory of one training step, batch 1 ({how}); this device has {total:.0f} GiB")
+    for stage in STAGES:
+        estimate = estimate_gib(preset, stage)
+        if estimate > 0.9 * total:
+            print(f"{stage:<22} estimate {estimate:.1f} GiB: not run, more than this device holds")
+            continue
+        done = subprocess.run([sys.executable, __file__, "--preset", preset_name, "--step", stage],
+                              capture_output=True, text=True)
+        measured = done.stdout.strip().splitlines()[-1:] or [f"failed, exit {done.returncode}"]
+        print(f"{stage:<22} estimate {estimate:.1f} GiB, measured {measured[0]}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="paper", choices=list(ldae.PRESETS))
+    parser.add_argument("--memory", action="store_true", help="also the peak memory of one step of each stage")
+    parser.add_argument("--monai", action="store_true", help="also time MONAI's networks (pip install monai)")
+    parser.add_argument("--step", choices=STAGES, help=argparse.SUPPRESS)  # internal: one stage, one process
+    args = parser.parse_args()
+    DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    if args.step:
+        peak, took = one_step(ldae.PRESETS[args.preset], args.step)
+        print(f"{peak:.2f} GiB ({took:.0f} s)")
+    else:
+        print(f"preset {args.preset}, batch 1, device {DEVICE}, {torch.get_num_threads()} threads, torch "
+              f"{torch.__version__}")
+        speed(ldae.PRESETS[args.preset])
+        if args.monai:
+            monai_speed(ldae.PRESETS[args.preset])
+        if args.memory:
+            memory(args.preset)
