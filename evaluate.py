@@ -754,14 +754,16 @@ def conv_peak(device, dtype=torch.float32):
         return flops / timed(lambda: conv(x), 3, device)
 
 
-def autoencoder_training_rate(preset, device, amp="auto"):
-    """FLOP/s achieved by one autoencoder forward + backward as stage 1 runs it (its default precision)."""
+def autoencoder_training_rate(preset, device, amp="auto", checkpointing=False):
+    """FLOP/s achieved by one autoencoder forward + backward as stage 1 runs it (its default precision and
+    layout). With checkpointing the recomputed forward is not counted: the rate of useful work."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"), FlopCounterMode(display=False) as counter:
         preset.autoencoder()(torch.zeros(1, 1, *preset.image_shape))[0].abs().mean().backward()
-    ae = preset.autoencoder().to(device)
-    x = torch.rand(1, 1, *preset.image_shape, device=device)
+    layout = ldae.memory_format(device)
+    ae = preset.autoencoder(checkpointing).to(device, memory_format=layout)
+    x = torch.rand(1, 1, *preset.image_shape, device=device).contiguous(memory_format=layout)
     ctx, _ = ldae.autocast(device, amp)
 
     def step():

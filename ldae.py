@@ -22,8 +22,8 @@ def group_norm(channels):
 
 class Conv3d(nn.Conv3d):
     """nn.Conv3d that always takes oneDNN for float32 on the CPU. PyTorch's size heuristic sends batch-1
-    volumes with few channels x slices to a naive kernel that is 2-7x slower (the UNet on a cpu-preset
-    latent, the deeper autoencoder levels)."""
+    volumes with few channels x slices to a naive kernel (the UNet on a cpu-preset latent, the deeper
+    autoencoder levels): one cpu-preset UNet call took 0.38 s there and 0.20 s on oneDNN (one thread)."""
 
     def _conv_forward(self, x, weight, bias):
         if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()

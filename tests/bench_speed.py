@@ -45,14 +45,18 @@ def speed(preset):
         print(f"Conv3d 64->64 peak: bfloat16 {peak / 1e9:.0f} GFLOP/s")
     for amp in ("off", "auto"):
         ctx, dtype = ldae.autocast(DEVICE, amp, inference=True)
+        if amp == "auto" and dtype == torch.float32:
+            print("auto is float32 on this device: the default is the line above")
+            break
         with torch.no_grad(), ctx:
             times = {"AE encode": seconds(lambda: ae.encode(x)), "AE decode": seconds(lambda: ae.decode(z)),
                      "latent UNet step": seconds(lambda: unet(z, t))}
         print(f"{amp:>4} ({str(dtype).replace('torch.', '')}): "
               + "   ".join(f"{name} {s:.3f} s" for name, s in times.items()))
-    rate = evaluate.autoencoder_training_rate(preset, DEVICE)
-    print(f"AE forward + backward (training precision): {rate / 1e9:.0f} GFLOP/s = {100 * rate / peak:.0f}% of "
-          f"the peak above")
+    checkpointing = estimate_gib(preset, "stage1") > 0.9 * device_gib()  # else the step would not fit
+    rate = evaluate.autoencoder_training_rate(preset, DEVICE, checkpointing=checkpointing)
+    print(f"AE forward + backward (training precision{', checkpointing' if checkpointing else ''}): "
+          f"{rate / 1e9:.0f} GFLOP/s = {100 * rate / peak:.0f}% of the peak above")
 
 
 def monai_speed(preset):
@@ -127,10 +131,14 @@ def one_step(preset, stage):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, time.perf_counter() - start  # KiB
 
 
+def device_gib():
+    return (torch.cuda.get_device_properties(DEVICE).total_memory if DEVICE.type == "cuda"
+            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / 2 ** 30
+
+
 def memory(preset_name):
     preset = ldae.PRESETS[preset_name]
-    total = (torch.cuda.get_device_properties(DEVICE).total_memory if DEVICE.type == "cuda"
-             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / 2 ** 30
+    total = device_gib()
     how = "max_memory_allocated" if DEVICE.type == "cuda" else "peak resident size of the process"
     print(f"peak memory of one training step, batch 1 ({how}); this device has {total:.0f} GiB")
     for stage in STAGES:
