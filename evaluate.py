@@ -295,7 +295,7 @@ def open_run(cfg):
     ae.load_state_dict(ae_state["model"])
     unet.load_state_dict(state["unet_ema"])
     encoder.load_state_dict(state["encoder_ema"])
-    amp, precision = ldae.autocast(device, cfg.amp, inference=True)
+    amp, precision = ldae.autocast(device, cfg.amp)
     print(f"{path}: preset {ae_cfg['preset']}, {len(rows)} scans, device {device}")
     ae = ae.to(device, memory_format=ldae.memory_format(device)).eval()
     return Run(path, preset, ae_cfg, rows, images, latents, ae_state["latent_scale"], ae_state["split"], ae,

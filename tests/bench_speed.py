@@ -44,7 +44,7 @@ def speed(preset):
         peak = max(peak, evaluate.conv_peak(DEVICE, torch.bfloat16))
         print(f"Conv3d 64->64 peak: bfloat16 {peak / 1e9:.0f} GFLOP/s")
     for amp in ("off", "auto"):
-        ctx, dtype = ldae.autocast(DEVICE, amp, inference=True)
+        ctx, dtype = ldae.autocast(DEVICE, amp)
         if amp == "auto" and dtype == torch.float32:
             print("auto is float32 on this device: the default is the line above")
             break
