@@ -56,10 +56,10 @@ class Config:
 def evaluate_ae(ae, images, indices, device):
     """Validation SSIM and MSE of mean-latent reconstructions."""
     ae.eval()
-    ssims, mses = [], []
+    ssims, mses, layout = [], [], ldae.memory_format(device)
     with torch.no_grad():
         for i in indices:
-            x = torch.tensor(images[i][None]).to(device, memory_format=ldae.memory_format(device))
+            x = torch.tensor(images[i][None]).to(device, memory_format=layout)
             x_hat = ae.decode(ae.encode(x)[0]).float()
             ssims.append(ldae.ssim3d(x_hat, x).item())
             mses.append(F.mse_loss(x_hat, x).item())

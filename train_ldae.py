@@ -138,13 +138,13 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
     opt = torch.optim.Adam(trainable, lr=cfg.lr)
     amp_ctx, amp_dtype = ldae.autocast(device, cfg.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    step, best_ssim, best = 0, -1.0, None  # best: the EMA weights of the best validation so far (stage 2b)
+    step, best = 0, None  # best: step, SSIM and EMA weights of the best validation so far (stage 2b)
     if resuming:
         unet_ema.load_state_dict(state["unet_ema"])
         encoder_ema.load_state_dict(state["encoder_ema"])
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        step, best_ssim, best = state["step"], state["best_ssim"], state.get("best")
+        step, best = state["step"], state.get("best")
     wrap = lambda m: torch.nn.parallel.DistributedDataParallel(m) if world > 1 else m
     unet_run = wrap(unet)
     encoder_run = wrap(encoder) if stage == "repr" else encoder
@@ -159,7 +159,7 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
                 "stage": stage, "finished": finished,
                 "unet": unet.state_dict(), "unet_ema": unet_ema.state_dict(), "encoder": encoder.state_dict(),
                 "encoder_ema": encoder_ema.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "best_ssim": best_ssim, "best": best, "config": asdict(cfg),
+                "step": step, "best_ssim": best["ssim"] if best else -1.0, "best": best, "config": asdict(cfg),
                 "preset": ae_state["config"]["preset"],
                 "latent_scale": latent_scale}, ckpt_path)
 
@@ -204,10 +204,9 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
         if stage == "repr" and step % steps_per_epoch == 0 and rank == 0 and val_idx:
             ssim = validate(diffusion, unet_ema, encoder_ema, decoder, latent_scale, images, latents,
                             val_idx, cfg, device)
-            if ssim > best_ssim:
+            if best is None or ssim > best["ssim"]:
                 copy_of = lambda m: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
-                best_ssim, best = ssim, {"step": step, "unet_ema": copy_of(unet_ema),
-                                         "encoder_ema": copy_of(encoder_ema)}
+                best = {"step": step, "ssim": ssim, "unet_ema": copy_of(unet_ema), "encoder_ema": copy_of(encoder_ema)}
             bar.write(f"epoch {step // steps_per_epoch}: validation reconstruction SSIM ({cfg.val_steps} DDIM "
                       f"steps) {ssim:.4f}")
         if step % cfg.save_every == 0:
@@ -221,7 +220,7 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
         unet_ema.load_state_dict(best["unet_ema"])
         encoder_ema.load_state_dict(best["encoder_ema"])
         if rank == 0:
-            print(f"{name}: keeping the EMA weights of step {best['step']} (validation SSIM {best_ssim:.4f}), "
+            print(f"{name}: keeping the EMA weights of step {best['step']} (validation SSIM {best['ssim']:.4f}), "
                   f"the best of the run")
     checkpoint(finished=True)
     if rank == 0:
