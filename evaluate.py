@@ -224,6 +224,7 @@ class Config:
     scan: int = 0  # variations: which test scan
     clip_z0: float = 0.0  # clamp z0_hat to [-c, c] at every DDIM step (METHOD 5); 0: off
     batch_size: int = 4
+    folds: int = 0  # ad, age: also K-fold cross-validation over every scan, split by subject; 0: test split only
     dae_base: int = 32  # throughput: base channels of the voxel-space diffusion autoencoder
     repeats: int = 1  # throughput: timed volumes per setting (after one warm-up volume)
     amp: str = "auto"  # auto | bf16 | fp16 | off
@@ -480,8 +481,36 @@ def ad_scans(run):
     return train, test
 
 
+def probe_features(run, y_sem, train, test):
+    """(train, test) features per method, fitted on train only: y_sem (rows of the (N, y_dim) y_sem), PCA of
+    the voxels (k = min(50, n - 1)), the flattened AE latent."""
+    voxels = lambda idx: torch.tensor(np.asarray(run.images[idx]).reshape(len(idx), -1))  # (n, D * H * W)
+    train_voxels = voxels(train)
+    mean, components, _ = pca_fit(train_voxels, 50)
+    return {"ldae": (y_sem[train], y_sem[test]),
+            "baseline_pca": (pca_transform(train_voxels, mean, components),
+                             pca_transform(voxels(test), mean, components)),
+            "baseline_latent": (run.latents[train].flatten(1), run.latents[test].flatten(1))}
+
+
+def subject_folds(run, scans, k, seed):
+    """Split scans into k folds by subject, round-robin over shuffled subjects sorted by their first
+    diagnosis, so each fold gets its share of every diagnosis."""
+    first = {}
+    for i in scans:
+        first.setdefault(run.rows[i]["subject"], run.rows[i]["diagnosis"])
+    if len(first) < 2 * k:
+        raise SystemExit(f"error: --folds {k} needs at least {2 * k} subjects, {run.path / 'ae.pt'} has {len(first)}")
+    subjects = sorted(first, key=str)
+    order = torch.randperm(len(subjects), generator=torch.Generator().manual_seed(seed)).tolist()
+    ranked = sorted((subjects[j] for j in order), key=lambda s: first[s])  # stable: shuffled within a diagnosis
+    fold_of = {s: n % k for n, s in enumerate(ranked)}
+    return [[i for i in scans if fold_of[run.rows[i]["subject"]] == f] for f in range(k)]
+
+
 def probe_task(run, cfg, kind):
-    """The y_sem probe beside two baselines fed to the same probe: PCA of the voxels, the flattened AE latent."""
+    """The y_sem probe beside two baselines fed to the same probe: PCA of the voxels, the flattened AE latent.
+    Scored on the run's test split; with --folds K also by K-fold cross-validation over every scan."""
     if kind == "logistic":
         train, test = ad_scans(run)
         target = lambda idx: torch.tensor([float(run.rows[i]["diagnosis"] == "AD") for i in idx])
@@ -490,19 +519,31 @@ def probe_task(run, cfg, kind):
         if not test:
             raise SystemExit(f"error: the test split of {run.path / 'ae.pt'} is empty")
         target = lambda idx: torch.tensor([run.rows[i]["age"] for i in idx], dtype=torch.float64)
-    groups = [run.rows[i]["subject"] for i in train]
-    y_train, y_test = target(train), target(test)
-    features = {"ldae": (semantic(run, train, cfg.batch_size), semantic(run, test, cfg.batch_size))}
-    voxels = lambda idx: torch.tensor(np.asarray(run.images[idx]).reshape(len(idx), -1))  # (n, D * H * W)
-    train_voxels = voxels(train)
-    mean, components, _ = pca_fit(train_voxels, 50)  # k = min(50, n - 1)
-    features["baseline_pca"] = (pca_transform(train_voxels, mean, components),
-                                pca_transform(voxels(test), mean, components))
-    del train_voxels
-    features["baseline_latent"] = (run.latents[train].flatten(1), run.latents[test].flatten(1))
-    result = {name: probe_scores(kind, X_train, y_train, groups, X_test, y_test)
-              for name, (X_train, X_test) in tqdm(features.items(), desc="probes")}
-    return result | {"n_train": len(train), "n_test": len(test), "pca_components": int(components.shape[0])}
+    scans = sorted(train + test)
+    y_sem = torch.zeros(len(run.rows), run.preset.y_dim)
+    y_sem[scans] = semantic(run, scans, cfg.batch_size)
+
+    def scores(fit_idx, test_idx):
+        groups, y_fit, y_test = [run.rows[i]["subject"] for i in fit_idx], target(fit_idx), target(test_idx)
+        out = {name: probe_scores(kind, X_fit, y_fit, groups, X_test, y_test)
+               for name, (X_fit, X_test) in probe_features(run, y_sem, fit_idx, test_idx).items()}
+        if kind == "ridge":  # the floor a feature has to beat: every test scan gets the mean training age
+            out["baseline_mean_age"] = regression_metrics(torch.full_like(y_test, float(y_fit.mean())), y_test)
+        return out
+
+    result = scores(train, test) | {"n_train": len(train), "n_test": len(test),
+                                    "pca_components": min(50, len(train) - 1)}
+    if cfg.folds:
+        folds = subject_folds(run, scans, cfg.folds, cfg.seed)
+        per_fold = [scores([i for g in folds if g is not fold for i in g], fold)
+                    for fold in tqdm(folds, desc="cross-validation")]
+        headline = "roc_auc" if kind == "logistic" else "mae"
+        result["cross_validation"] = {name: {metric: float(np.mean([f[name][metric] for f in per_fold]))
+                                             for metric in per_fold[0][name] if metric != "l2"}
+                                      for name in per_fold[0]}
+        result["cross_validation"] |= {"folds": cfg.folds, f"per_fold_{headline}": {
+            name: [f[name][headline] for f in per_fold] for name in per_fold[0]}}
+    return result
 
 
 def task_ad(run, cfg):
@@ -511,7 +552,7 @@ def task_ad(run, cfg):
 
 
 def task_age(run, cfg):
-    """Age ridge probe over every diagnosis; MAE and RMSE in years."""
+    """Age ridge probe over every diagnosis; MAE and RMSE in years, beside guessing the mean training age."""
     return probe_task(run, cfg, "ridge")
 
 
@@ -849,11 +890,11 @@ def print_table(task, result):
         if isinstance(value, dict) and value and all(isinstance(v, (int, float)) or v is None for v in value.values()):
             cells = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items())
             print(f"  {name:<22} {cells}")
-        elif isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+        elif isinstance(value, dict) and any(isinstance(v, dict) for v in value.values()):
             for sub, inner in value.items():
-                if all(isinstance(v, (int, float)) for v in inner.values()):
+                if isinstance(inner, dict) and all(isinstance(v, (int, float)) for v in inner.values()):
                     cells = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in inner.items())
-                    print(f"  {name:<22} {sub:<10} {cells}")
+                    print(f"  {name:<22} {sub:<18} {cells}")
         elif isinstance(value, (int, float, str)):
             print(f"  {name:<22} {value:.4g}" if isinstance(value, float) else f"  {name:<22} {value}")
 

@@ -584,7 +584,10 @@ def memory_format(device):
 
 
 @torch.no_grad()
-def update_ema(ema, model, decay):
+def update_ema(ema, model, decay, step):
+    """EMA after optimiser step `step` (0-based). The decay ramps up as (1 + step) / (10 + step) to `decay`, so
+    a short run's average is not held back by the random initial weights (0.99^160 = 20% of them at step 160)."""
+    decay = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p.detach(), 1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):

@@ -106,9 +106,39 @@ def test_ad_probe_scores_ldae_and_both_baselines(run):
 
 def test_age_probe_reports_finite_errors_in_years(run):
     result = evaluate(run, "age")
-    for name in ("ldae", "baseline_pca", "baseline_latent"):
+    for name in ("ldae", "baseline_pca", "baseline_latent", "baseline_mean_age"):
         m = result[name]
         assert math.isfinite(m["mae"]) and m["mae"] > 0 and m["rmse"] >= m["mae"]
+    state = load(run / "ae.pt")
+    rows = [r for r in data.read_table(state["data_dir"]) if state["split"][r["subject"]] != "test"]
+    mean_age = sum(r["age"] for r in rows) / len(rows)
+    test_ages = [r["age"] for r in data.read_table(state["data_dir"]) if state["split"][r["subject"]] == "test"]
+    assert result["baseline_mean_age"]["mae"] == pytest.approx(sum(abs(a - mean_age) for a in test_ages) / len(test_ages))
+
+
+def test_age_probe_cross_validates_every_method_by_subject(run):
+    result = evaluate(run, "age", "--folds", "2")
+    cv = result["cross_validation"]
+    assert cv["folds"] == 2
+    for name in ("ldae", "baseline_pca", "baseline_latent", "baseline_mean_age"):
+        per_fold = cv["per_fold_mae"][name]
+        assert len(per_fold) == 2 and all(math.isfinite(m) and m > 0 for m in per_fold)
+        assert cv[name]["mae"] == pytest.approx(sum(per_fold) / 2)
+        assert cv[name]["rmse"] >= cv[name]["mae"]
+
+
+def test_subject_folds_keep_subjects_whole_and_spread_each_diagnosis():
+    from types import SimpleNamespace
+    from evaluate import subject_folds
+    rows = [{"subject": f"s{n}", "diagnosis": "AD" if n < 6 else "CN"} for n in range(18) for _ in range(n % 3 + 1)]
+    folds = subject_folds(SimpleNamespace(rows=rows, path=Path("run")), list(range(len(rows))), 3, seed=0)
+    assert sorted(i for f in folds for i in f) == list(range(len(rows)))
+    subjects = [{rows[i]["subject"] for i in f} for f in folds]
+    assert not (subjects[0] & subjects[1] or subjects[0] & subjects[2] or subjects[1] & subjects[2])
+    for f in subjects:  # 6 AD and 12 CN subjects over 3 folds: 2 and 4 in each
+        assert sum(s in {f"s{n}" for n in range(6)} for s in f) == 2 and len(f) == 6
+    with pytest.raises(SystemExit, match="--folds 10 needs at least 20 subjects"):
+        subject_folds(SimpleNamespace(rows=rows, path=Path("run")), list(range(len(rows))), 10, seed=0)
 
 
 def test_reconstruct_scores_autoencoder_and_ldae_per_step_count(run):

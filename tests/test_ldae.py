@@ -136,6 +136,17 @@ def test_auto_precision_is_float32_on_the_cpu():
         ldae.autocast(cpu, "fp8")
 
 
+def test_ema_follows_the_weights_early_and_settles_at_its_decay():
+    model, ema = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    torch.nn.init.ones_(model.weight)
+    torch.nn.init.zeros_(ema.weight)
+    ldae.update_ema(ema, model, 0.99, step=0)  # decay 1/10: a step-0 average is mostly the trained weights
+    assert torch.allclose(ema.weight, torch.full((2, 2), 0.9))
+    torch.nn.init.zeros_(ema.weight)
+    ldae.update_ema(ema, model, 0.99, step=10_000)  # (1 + s) / (10 + s) > 0.99: the configured decay
+    assert torch.allclose(ema.weight, torch.full((2, 2), 0.01))
+
+
 def test_ssim_is_one_for_identical_and_drops_with_noise():
     torch.manual_seed(0)
     x = torch.rand(2, 1, 16, 16, 16)

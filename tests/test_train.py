@@ -114,15 +114,19 @@ def test_stage_2b_leaves_eps_theta_at_the_stage_2a_ema_weights(ae_run, copy_run)
     assert any(not torch.equal(trained["unet"][k], ema[k]) for k in estimator), "stage 2b trained nothing"
 
 
-def test_stage_2b_keeps_the_ema_weights_of_its_best_validation(ae_run, copy_run, monkeypatch):
+def test_stage_2b_keeps_the_ema_weights_of_its_lowest_validation_loss(ae_run, copy_run, monkeypatch):
     run = copy_run(ae_run)
     assert run_cli("train_ldae.py", "--out", run, "--stage", "pretrain", *LDAE_FLAGS) == (0, "")
-    scores = iter([0.5, 0.9, 0.2])  # the tiny run validates after each of its 3 steps; step 2 is the best
-    monkeypatch.setattr(ldae, "ssim3d", lambda x_hat, x, **_: torch.full((len(x),), next(scores)))
+    # The tiny run validates after each of its 3 steps, 4 loss draws each (no gradient); step 2 is the best.
+    losses = iter([0.5] * 4 + [0.2] * 4 + [0.9] * 4)
+    real = ldae.Diffusion.repr_loss
+    monkeypatch.setattr(ldae.Diffusion, "repr_loss", lambda *a: real(*a) if torch.is_grad_enabled()
+                        else torch.tensor(next(losses)))
     assert run_cli("train_ldae.py", "--out", run, "--stage", "repr", *LDAE_FLAGS) == (0, "")
     state = load(run / "ldae.pt")
     assert state["finished"] and state["step"] == LDAE_STEPS
-    assert state["best"]["step"] == 2 and state["best_ssim"] == pytest.approx(0.9)
+    assert state["best"]["step"] == 2 and state["best"]["loss"] == pytest.approx(0.2)
+    assert 0 < state["best_ssim"] == state["best"]["ssim"] <= 1
     assert_identical(state["unet_ema"], state["best"]["unet_ema"], "unet_ema")
     assert_identical(state["encoder_ema"], state["best"]["encoder_ema"], "encoder_ema")
     last = load(run / "ldae.prev.pt")  # the periodic save after step 3, before the best was put back
