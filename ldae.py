@@ -375,9 +375,8 @@ class Diffusion:
         eps_theta, _ = unet(z_t, t)
         return F.mse_loss(eps_theta.float(), eps)
 
-    def repr_loss(self, unet, encoder, z0, x):
-        """Stage 2b: mean(w_t (eps - eps_theta - k_t G_psi)^2) with eps_theta frozen (METHOD 4)."""
-        y_sem = encoder(x)
+    def repr_loss(self, unet, y_sem, z0):
+        """Stage 2b: mean(w_t (eps - eps_theta - k_t G_psi)^2) with eps_theta frozen (METHOD 4); y_sem = Enc(x)."""
         t, eps, z_t = self.noised(z0)
         eps_theta, g = unet(z_t, t, y_sem)
         eps_hat = eps_theta.float() + self.at(self.k, t, z0) * g.float()

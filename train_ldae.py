@@ -182,7 +182,7 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
                 if stage == "pretrain":
                     loss = diffusion.pretrain_loss(unet_run, z0)
                 else:
-                    loss = diffusion.repr_loss(unet_run, encoder_run, z0, torch.tensor(images[ids]).to(device))
+                    loss = diffusion.repr_loss(unet_run, encoder_run(torch.tensor(images[ids]).to(device)), z0)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step} of {name}: the last good "
                                          f"checkpoint {ckpt_path} is kept; lower --lr or use --amp off")
@@ -238,9 +238,9 @@ def validate(diffusion, unet, encoder, ae, latent_scale, images, latents, indice
     inversion error, which grows as the estimator learns (0.614 vs 0.639 at 10 steps). The SSIM (x against
     its reconstruction from y_sem and the DDIM-encoded z_T, cfg.val_steps steps) is printed as the figure."""
     x, z0 = torch.tensor(images[indices]).to(device), latents[indices].to(device)
-    torch.manual_seed(0)  # training reseeds every step (step_seed)
-    loss = sum(diffusion.repr_loss(unet, encoder, z0, x).item() for _ in range(4)) / 4
     y_sem = encoder(x)
+    torch.manual_seed(0)  # training reseeds every step (step_seed)
+    loss = sum(diffusion.repr_loss(unet, y_sem, z0).item() for _ in range(4)) / 4
     z_T = diffusion.ddim_encode(unet, z0, y_sem, cfg.val_steps)
     x_hat = ae.decode(diffusion.ddim_sample(unet, z_T, y_sem, cfg.val_steps) / latent_scale)
     return loss, ldae.ssim3d(x_hat, x).mean().item()

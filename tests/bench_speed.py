@@ -104,7 +104,7 @@ def stage_loss(preset, stage, device):
         return diffusion.pretrain_loss(unet, z0), list(unet.parameters())
     unet.freeze_eps_theta()
     encoder = preset.encoder().to(device)
-    loss = diffusion.repr_loss(unet, encoder, z0, torch.rand(1, 1, *preset.image_shape, device=device))
+    loss = diffusion.repr_loss(unet, encoder(torch.rand(1, 1, *preset.image_shape, device=device)), z0)
     return loss, [p for p in unet.parameters() if p.requires_grad] + list(encoder.parameters())
 
 

@@ -95,7 +95,7 @@ def test_stage_2b_step_moves_only_the_estimator_and_encoder():
     head_before = unet.estimator.head[-1].weight.clone()
     opt = torch.optim.Adam(trainable, lr=1e-3)
     x, z0 = torch.rand(2, 1, *p.image_shape), torch.randn(2, *p.latent_shape)
-    d.repr_loss(unet, enc, z0, x).backward()
+    d.repr_loss(unet, enc(x), z0).backward()
     opt.step()
     after = unet.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in frozen.items())
