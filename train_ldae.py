@@ -168,7 +168,9 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
         signal.signal(sig, lambda signum, _: stop.append(signal.Signals(signum).name))
     name = "stage 2a latent DDPM" if stage == "pretrain" else "stage 2b representation"
     bar = tqdm(total=total, initial=step, desc=name, disable=rank != 0)
-    t0, running = time.time(), None
+    t0, first, running = time.time(), step, None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     while step < total and not stop:
         ldae.step_seed(cfg.seed, step, rank)
         epoch, k = divmod(step, steps_per_epoch)
@@ -225,7 +227,7 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
                   f"SSIM {best['ssim']:.4f}), the best of the run")
     checkpoint(finished=True)
     if rank == 0:
-        print(f"{name}: {total} steps in {time.time() - t0:.0f} s; wrote {ckpt_path}")
+        print(f"{name}: {ldae.run_summary(step - first, time.time() - t0, device)}; wrote {ckpt_path}")
     return {"stage": stage, "finished": True, "unet_ema": unet_ema.state_dict()}
 
 

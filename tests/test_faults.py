@@ -91,9 +91,11 @@ def mtime(path):
     return path.stat().st_mtime_ns if path.exists() else None
 
 
-def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_weights(cohort, ae_run, tmp_path):
+def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_weights(cohort, tmp_path):
+    # 40 steps, not the shared run's 6: on a fast CPU 6 tiny steps ended before the first kill landed.
     run, rng, stopped_at = tmp_path / "run", random.Random(0), []
-    command = [sys.executable, "train_ae.py", "--data", str(cohort), "--out", str(run), *AE_FLAGS]
+    flags = ("--data", str(cohort), "--preset", "tiny", "--steps", "40", "--save-every", "1")
+    command = [sys.executable, "train_ae.py", "--out", str(run), *flags]
     for kill in range(3):
         before = mtime(run / "ae.pt")
         process = subprocess.Popen(command + ["--resume"] * (kill > 0), cwd=REPO, env={**os.environ, **ONE_THREAD},
@@ -110,7 +112,8 @@ def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_weights(co
     assert stopped_at[0] != "finished", "the first kill came too late to interrupt training"
 
     assert run_cli("train_ae.py", "--out", run, "--resume") == (0, "")
-    resumed, one_go = load(run / "ae.pt"), load(ae_run / "ae.pt")
+    assert run_script("train_ae.py", "--out", tmp_path / "one_go", *flags).returncode == 0
+    resumed, one_go = load(run / "ae.pt"), load(tmp_path / "one_go" / "ae.pt")
     for key in AE_KEYS:
         assert_identical(resumed[key], one_go[key], key)
 

@@ -112,6 +112,18 @@ def test_bfloat16_autocast_forward_is_finite():
     assert all(torch.isfinite(v.float()).all() for v in (x_hat, eps, g))
 
 
+def test_decoder_output_layer_stays_float32_under_autocast():
+    p = ldae.PRESETS["tiny"]
+    torch.manual_seed(0)
+    ae, z = p.autoencoder().eval(), torch.randn(1, *p.latent_shape)
+    with torch.no_grad():
+        reference = ae.decode(z)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reduced = ae.decode(z)
+    assert reference.dtype == reduced.dtype == torch.float32  # the image itself is never rounded to bfloat16
+    assert (reduced - reference).abs().max() < 0.05 * reference.abs().max()
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_conv3d_on_onednn_matches_the_reference_convolution(stride):
     torch.manual_seed(0)
