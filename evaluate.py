@@ -227,7 +227,7 @@ class Config:
     folds: int = 0  # ad, age: also K-fold cross-validation over every scan, split by subject; 0: test split only
     dae_base: int = 32  # throughput: base channels of the voxel-space diffusion autoencoder
     repeats: int = 1  # throughput: timed volumes per setting (after one warm-up volume)
-    amp: str = "auto"  # auto (see inference_amp) | bf16 | fp16 | off
+    amp: str = "auto"  # auto (see ldae.autocast) | bf16 | fp16 | off
     seed: int = 0
 
 
@@ -260,13 +260,6 @@ class Run:
 
     def x(self, indices):
         return torch.tensor(np.asarray(self.images[indices]), device=self.device)  # (B, 1, D, H, W)
-
-
-def inference_amp(device):
-    """--amp auto for inference: bfloat16 autocast on a CPU with native bfloat16 (the autoencoder's output layer
-    stays float32; the demo's test reconstruction SSIM moved by 0.0006, see README), float32 elsewhere: without
-    native bfloat16 it is ~50x slower, and on an H100 at batch 1 it made the latent UNet step slower."""
-    return "bf16" if device.type == "cpu" and ldae.cpu_has_bf16() else "off"
 
 
 def open_run(cfg):
@@ -303,7 +296,7 @@ def open_run(cfg):
     ae.load_state_dict(ae_state["model"])
     unet.load_state_dict(state["unet_ema"])
     encoder.load_state_dict(state["encoder_ema"])
-    amp, precision = ldae.autocast(device, inference_amp(device) if cfg.amp == "auto" else cfg.amp)
+    amp, precision = ldae.autocast(device, cfg.amp, inference=True)
     print(f"{path}: preset {ae_cfg['preset']}, {len(rows)} scans, device {device}")
     ae = ae.to(device, memory_format=ldae.memory_format(device)).eval()
     return Run(path, preset, ae_cfg, rows, images, latents, ae_state["latent_scale"], ae_state["split"], ae,

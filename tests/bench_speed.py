@@ -40,10 +40,11 @@ def speed(preset):
     t = torch.tensor([500], device=DEVICE)
     peak = evaluate.conv_peak(DEVICE)
     print(f"Conv3d 64->64 peak: float32 {peak / 1e9:.0f} GFLOP/s")
-    if DEVICE.type == "cuda" or ldae.cpu_has_bf16():
+    has_bf16 = DEVICE.type == "cuda" or ldae.cpu_has_bf16()
+    if has_bf16:
         peak = max(peak, evaluate.conv_peak(DEVICE, torch.bfloat16))
         print(f"Conv3d 64->64 peak: bfloat16 {peak / 1e9:.0f} GFLOP/s")
-    for amp in ("off", "bf16") if DEVICE.type == "cuda" or ldae.cpu_has_bf16() else ("off",):
+    for amp in ("off", "bf16") if has_bf16 else ("off",):
         ctx, dtype = ldae.autocast(DEVICE, amp)
         with torch.no_grad(), ctx:
             times = {"AE encode": seconds(lambda: ae.encode(x)), "AE decode": seconds(lambda: ae.decode(z)),

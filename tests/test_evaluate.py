@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import ldae  # noqa: E402
 from conftest import load, run_script  # noqa: E402
-from evaluate import Config, inference_amp, main, write_png  # noqa: E402
+from evaluate import Config, main, write_png  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the in-process calls: one thread, like the subprocesses
 
@@ -179,13 +179,6 @@ def test_variations_writes_each_sample_and_a_montage(run):
     for file in result["files"]:
         assert_nifti_like(folder / file, scan)
     assert (folder / result["png"]).read_bytes().startswith(PNG_SIGNATURE)
-
-
-def test_inference_is_bfloat16_only_on_a_cpu_with_native_bfloat16(monkeypatch):
-    for native, expected in ((True, "bf16"), (False, "off")):
-        monkeypatch.setattr(ldae, "cpu_has_bf16", lambda: native)
-        assert inference_amp(torch.device("cpu")) == expected
-    assert inference_amp(torch.device("cuda")) == "off"
 
 
 def test_throughput_times_ldae_against_a_voxel_dae(run):

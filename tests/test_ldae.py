@@ -148,6 +148,13 @@ def test_auto_precision_is_float32_on_the_cpu():
         ldae.autocast(cpu, "fp8")
 
 
+def test_inference_is_bfloat16_only_on_a_cpu_with_native_bfloat16(monkeypatch):
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(ldae, "cpu_has_bf16", lambda: native)
+        assert ldae.autocast(torch.device("cpu"), "auto", inference=True)[1] == expected
+    assert ldae.autocast(torch.device("cuda"), "auto", inference=True)[1] == torch.float32
+
+
 def test_ema_follows_the_weights_early_and_settles_at_its_decay():
     model, ema = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     torch.nn.init.ones_(model.weight)
