@@ -582,7 +582,21 @@ def task_reconstruct(run, cfg):
         z_T = torch.randn(z0.shape, generator=generator)
         per_scan["ldae_random_zT"] += image_metrics(ddim_decode(run, z_T, y_sem, max(steps), cfg.clip_z0), x)
     result = {name: mean_metrics(m) for name, m in per_scan.items()}
-    return result | {"random_zT_steps": max(steps), "clip_z0": cfg.clip_z0 or None}
+    return result | {"random_zT_steps": max(steps), "clip_z0": cfg.clip_z0 or None,
+                     "stage2b_loss": stage2b_loss_by_y_sem(run, indices, cfg)}
+
+
+@torch.no_grad()
+def stage2b_loss_by_y_sem(run, indices, cfg, draws=8):
+    """Does the gradient estimator use y_sem? Stage 2b's loss on the given scans (the same timesteps and noise
+    each time) with each scan's own y_sem, with the next scan's, and with zeros. Equal losses mean the
+    estimator ignores y_sem, and then so did the gradient that trained the encoder."""
+    z0, y_sem = run.latents[indices].to(run.device), semantic(run, indices, cfg.batch_size).to(run.device)
+    losses = {}
+    for name, y in (("own_y_sem", y_sem), ("next_scan_y_sem", y_sem.roll(1, 0)), ("zero_y_sem", 0 * y_sem)):
+        torch.manual_seed(cfg.seed)
+        losses[name] = sum(run.diffusion.repr_loss(run.unet, y, z0).item() for _ in range(draws)) / draws
+    return losses
 
 
 # ---- manipulation along the AD direction (METHOD 6)

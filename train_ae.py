@@ -32,7 +32,7 @@ class Config:
     csv: str = ""  # a table elsewhere than DATA/participants.csv
     preset: str = "cpu"
     out: str = "runs"
-    epochs: int = 4  # the cpu demo's budget (validation SSIM 0.71, 0.80, 0.89, 0.89); the paper trains 100
+    epochs: int = 4  # the cpu demo's budget; the paper trains 100
     steps: int = 0  # optimiser steps; 0: from epochs
     batch_size: int = 1
     accumulate: int = 1  # micro-batches per optimiser step
@@ -41,7 +41,7 @@ class Config:
     kl_weight: float = 1e-7
     ssim_weight: float = 1.0
     adv_weight: float = 0.025
-    adv_start: float = 0.7  # fraction of the steps trained before the adversarial term switches on
+    adv_start: float = 5.0  # epochs trained before the adversarial term switches on (README: the 4-epoch demo ends first)
     clip: float = 1.0
     amp: str = "auto"  # auto | bf16 | fp16 | off
     checkpointing: bool = False  # recompute activations in backward (paper preset in < 24 GB)
@@ -116,7 +116,7 @@ def main(cfg):
         scaler.load_state_dict(state["scaler"])
         step = state["step"]
     model = torch.nn.parallel.DistributedDataParallel(ae) if world > 1 else ae
-    adv_start = int(cfg.adv_start * total)
+    adv_start = round(cfg.adv_start * steps_per_epoch)  # the first step with the adversarial term
 
     def checkpoint(extra=None):
         if rank == 0:

@@ -24,7 +24,7 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 # slower; it also makes a subprocess run and an in-process run give bit-identical weights.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 AE_STEPS = 6  # every tiny stage-1 run in the tests: --steps 6 --save-every 1, so ae.prev.pt exists
-AE_FLAGS = ("--preset", "tiny", "--steps", str(AE_STEPS), "--save-every", "1")
+AE_FLAGS = ("--preset", "tiny", "--steps", str(AE_STEPS), "--save-every", "1", "--adv-start", "0.2")
 AE_KEYS = ("model", "discriminator", "optimizer", "optimizer_d", "scaler", "step", "split", "latent_scale")
 LDAE_STEPS = 3
 LDAE_FLAGS = ("--steps", str(LDAE_STEPS), "--val-steps", "2", "--save-every", "1")

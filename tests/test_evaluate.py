@@ -6,7 +6,9 @@ import struct
 import sys
 import zlib
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -17,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import ldae  # noqa: E402
 from conftest import load, run_script  # noqa: E402
-from evaluate import Config, main, write_png  # noqa: E402
+from evaluate import Config, main, stage2b_loss_by_y_sem, write_png  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the in-process calls: one thread, like the subprocesses
 
@@ -129,7 +131,6 @@ def test_age_probe_cross_validates_every_method_by_subject(run):
 
 
 def test_subject_folds_keep_subjects_whole_and_spread_each_diagnosis():
-    from types import SimpleNamespace
     from evaluate import subject_folds
     rows = [{"subject": f"s{n}", "diagnosis": "AD" if n < 6 else "CN"} for n in range(18) for _ in range(n % 3 + 1)]
     folds = subject_folds(SimpleNamespace(rows=rows, path=Path("run")), list(range(len(rows))), 3, seed=0)
@@ -148,6 +149,28 @@ def test_reconstruct_scores_autoencoder_and_ldae_per_step_count(run):
         m = result[name]
         assert -1 < m["ssim"] <= 1 and -1 < m["ssim_brain"] <= 1, (name, m)
         assert m["mse"] >= 0 and m["n"] == 2 and not math.isnan(m["psnr"])
+    losses = result["stage2b_loss"]
+    assert set(losses) == {"own_y_sem", "next_scan_y_sem", "zero_y_sem"}
+    assert all(0 < v < float("inf") for v in losses.values()), losses
+
+
+def test_stage2b_loss_by_y_sem_tells_an_estimator_that_ignores_y_sem_from_one_that_uses_it():
+    preset = ldae.PRESETS["tiny"]
+    torch.manual_seed(0)
+    images = torch.rand(4, 1, *preset.image_shape)
+    factor = 2 ** (len(preset.ae_channels) - 1)
+    latents = torch.randn(4, preset.latent_channels, *(n // factor for n in preset.image_shape))
+    run = SimpleNamespace(latents=latents, device=torch.device("cpu"), amp=nullcontext(),
+                          x=lambda idx: images[idx], encoder=preset.encoder().eval(), unet=preset.unet().eval(),
+                          diffusion=ldae.Diffusion())
+    cfg = SimpleNamespace(batch_size=2, seed=0)
+    ignored = stage2b_loss_by_y_sem(run, [0, 1, 2, 3], cfg)  # fresh estimator: zero head, G = 0
+    assert ignored["own_y_sem"] == ignored["next_scan_y_sem"] == ignored["zero_y_sem"]
+    for p in run.unet.estimator.parameters():  # give every zero-initialised layer weights
+        if p.dim() > 1 and not p.any():
+            torch.nn.init.normal_(p, std=0.1)
+    used = stage2b_loss_by_y_sem(run, [0, 1, 2, 3], cfg)
+    assert len({used["own_y_sem"], used["next_scan_y_sem"], used["zero_y_sem"]}) == 3, used
 
 
 def test_manipulate_writes_volumes_in_scan_space_and_a_montage(run):

@@ -48,6 +48,8 @@ def test_tiny_runs_of_both_stages_write_checkpoints_that_load_with_weights_only(
     assert load(ae_run / "ae.prev.pt")["step"] == AE_STEPS  # the periodic save before the final one
     assert set(json.loads((ae_run / "split.json").read_text()).values()) == {"train", "val", "test"}
     assert (ae_run / "images.npy").exists() and (ae_run / "latents.pt").exists()
+    # --adv-start 0.2 epochs: a warm-up without the discriminator, then a few adversarial steps.
+    assert 0 < ae["optimizer_d"]["state"][0]["step"] < AE_STEPS
 
     state = load(ldae_run / "ldae.pt")
     assert state["stage"] == "repr" and state["finished"] and state["step"] == LDAE_STEPS
