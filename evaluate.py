@@ -571,10 +571,11 @@ def task_reconstruct(run, cfg):
     steps = steps_list(cfg, "10,20,50,100")
     per_scan = {"autoencoder": []} | {f"ldae_S{s}": [] for s in steps} | {"ldae_random_zT": []}
     generator = torch.Generator().manual_seed(cfg.seed)
+    y_sems = []
     for chunk in batches(indices, cfg.batch_size, "reconstruct"):
         x, z0 = run.x(chunk), run.latents[chunk].to(run.device)
-        with torch.no_grad(), run.amp:
-            y_sem = run.encoder(x).float()
+        y_sem = semantic_of(run, x)
+        y_sems.append(y_sem)
         per_scan["autoencoder"] += image_metrics(decode_latent(run, z0), x)
         for s in steps:
             z_T = ddim_encode(run, z0, y_sem, s)
@@ -583,18 +584,18 @@ def task_reconstruct(run, cfg):
         per_scan["ldae_random_zT"] += image_metrics(ddim_decode(run, z_T, y_sem, max(steps), cfg.clip_z0), x)
     result = {name: mean_metrics(m) for name, m in per_scan.items()}
     return result | {"random_zT_steps": max(steps), "clip_z0": cfg.clip_z0 or None,
-                     "stage2b_loss": stage2b_loss_by_y_sem(run, indices, cfg)}
+                     "stage2b_loss": stage2b_loss_by_y_sem(run, run.latents[indices], torch.cat(y_sems), cfg.seed)}
 
 
 @torch.no_grad()
-def stage2b_loss_by_y_sem(run, indices, cfg, draws=8):
-    """Does the gradient estimator use y_sem? Stage 2b's loss on the given scans (the same timesteps and noise
-    each time) with each scan's own y_sem, with the next scan's, and with zeros. Equal losses mean the
-    estimator ignores y_sem, and then so did the gradient that trained the encoder."""
-    z0, y_sem = run.latents[indices].to(run.device), semantic(run, indices, cfg.batch_size).to(run.device)
+def stage2b_loss_by_y_sem(run, z0, y_sem, seed, draws=8):
+    """Does the gradient estimator use y_sem? Stage 2b's loss on scans with scaled latents z0 (the same
+    timesteps and noise each time) with each scan's own y_sem, with the next scan's, and with zeros. Equal
+    losses mean the estimator ignores y_sem, and then so did the gradient that trained the encoder."""
+    z0, y_sem = z0.to(run.device), y_sem.to(run.device)
     losses = {}
     for name, y in (("own_y_sem", y_sem), ("next_scan_y_sem", y_sem.roll(1, 0)), ("zero_y_sem", 0 * y_sem)):
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(seed)
         losses[name] = sum(run.diffusion.repr_loss(run.unet, y, z0).item() for _ in range(draws)) / draws
     return losses
 

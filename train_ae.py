@@ -41,7 +41,7 @@ class Config:
     kl_weight: float = 1e-7
     ssim_weight: float = 1.0
     adv_weight: float = 0.025
-    adv_start: float = 5.0  # epochs trained before the adversarial term switches on (README: the 4-epoch demo ends first)
+    adv_start: float = 5.0  # epochs before the adversarial term switches on; the 4-epoch demo ends first
     clip: float = 1.0
     amp: str = "auto"  # auto | bf16 | fp16 | off
     checkpointing: bool = False  # recompute activations in backward (paper preset in < 24 GB)

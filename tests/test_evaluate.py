@@ -6,7 +6,6 @@ import struct
 import sys
 import zlib
 from collections import Counter
-from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -157,19 +156,16 @@ def test_reconstruct_scores_autoencoder_and_ldae_per_step_count(run):
 def test_stage2b_loss_by_y_sem_tells_an_estimator_that_ignores_y_sem_from_one_that_uses_it():
     preset = ldae.PRESETS["tiny"]
     torch.manual_seed(0)
-    images = torch.rand(4, 1, *preset.image_shape)
-    factor = 2 ** (len(preset.ae_channels) - 1)
-    latents = torch.randn(4, preset.latent_channels, *(n // factor for n in preset.image_shape))
-    run = SimpleNamespace(latents=latents, device=torch.device("cpu"), amp=nullcontext(),
-                          x=lambda idx: images[idx], encoder=preset.encoder().eval(), unet=preset.unet().eval(),
-                          diffusion=ldae.Diffusion())
-    cfg = SimpleNamespace(batch_size=2, seed=0)
-    ignored = stage2b_loss_by_y_sem(run, [0, 1, 2, 3], cfg)  # fresh estimator: zero head, G = 0
+    with torch.no_grad():
+        y_sem = preset.encoder().eval()(torch.rand(4, 1, *preset.image_shape))
+    z0 = torch.randn(4, *preset.latent_shape)
+    run = SimpleNamespace(device=torch.device("cpu"), unet=preset.unet().eval(), diffusion=ldae.Diffusion())
+    ignored = stage2b_loss_by_y_sem(run, z0, y_sem, seed=0)  # fresh estimator: zero head, G = 0
     assert ignored["own_y_sem"] == ignored["next_scan_y_sem"] == ignored["zero_y_sem"]
     for p in run.unet.estimator.parameters():  # give every zero-initialised layer weights
         if p.dim() > 1 and not p.any():
             torch.nn.init.normal_(p, std=0.1)
-    used = stage2b_loss_by_y_sem(run, [0, 1, 2, 3], cfg)
+    used = stage2b_loss_by_y_sem(run, z0, y_sem, seed=0)
     assert len({used["own_y_sem"], used["next_scan_y_sem"], used["zero_y_sem"]}) == 3, used
 
 

@@ -94,7 +94,7 @@ def mtime(path):
 def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_weights(cohort, tmp_path):
     # 40 steps, not the shared run's 6: on a fast CPU 6 tiny steps ended before the first kill landed.
     run, rng, stopped_at = tmp_path / "run", random.Random(0), []
-    flags = ("--data", str(cohort), "--preset", "tiny", "--steps", "40", "--save-every", "1")
+    flags = ("--data", str(cohort), *AE_FLAGS, "--steps", "40")  # the later --steps wins
     command = [sys.executable, "train_ae.py", "--out", str(run), *flags]
     for kill in range(3):
         before = mtime(run / "ae.pt")
