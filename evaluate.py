@@ -298,9 +298,10 @@ def open_run(cfg):
     encoder.load_state_dict(state["encoder_ema"])
     amp, precision = ldae.autocast(device, cfg.amp, inference=True)
     print(f"{path}: preset {ae_cfg['preset']}, {len(rows)} scans, device {device}")
-    ae = ae.to(device, memory_format=ldae.memory_format(device)).eval()
+    layout = ldae.memory_format(device)
+    ae, unet = ae.to(device, memory_format=layout).eval(), unet.to(device, memory_format=layout).eval()
     return Run(path, preset, ae_cfg, rows, images, latents, ae_state["latent_scale"], ae_state["split"], ae,
-               unet.to(device).eval(), encoder.to(device).eval(), ldae.Diffusion(), device, amp, precision)
+               unet, encoder.to(device).eval(), ldae.Diffusion(), device, amp, precision)
 
 
 # ---- network passes, batched; every output float32 on the device
@@ -773,7 +774,7 @@ def voxel_dae(run, base):
     mults = (1, 2, 4, 8)[:levels]
     config = dict(channels=1, base=base, mults=mults, blocks=run.preset.unet_blocks, attention=(2 ** (levels - 1),),
                   heads=1, dropout=0.0, y_dim=run.preset.y_dim)
-    return ldae.UNet(**config).to(run.device).eval(), config
+    return ldae.UNet(**config).to(run.device, memory_format=ldae.memory_format(run.device)).eval(), config
 
 
 def flops_per_call(make_unet, shape, y_dim):
@@ -922,7 +923,8 @@ def main(cfg):
     print(json.dumps(asdict(cfg), indent=1))
     torch.manual_seed(cfg.seed)
     run = open_run(cfg)
-    result = globals()[f"task_{cfg.task}"](run, cfg)
+    with ldae.heap_memory():
+        result = globals()[f"task_{cfg.task}"](run, cfg)
     result["config"] = asdict(cfg)
     path = run.path / "eval" / f"{cfg.task}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

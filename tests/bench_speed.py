@@ -35,7 +35,7 @@ def seconds(fn, repeats=2):
 
 def speed(preset):
     ae = preset.autoencoder().to(DEVICE, memory_format=ldae.memory_format(DEVICE)).eval()  # as evaluate.py
-    unet = preset.unet().to(DEVICE).eval()
+    unet = preset.unet().to(DEVICE, memory_format=ldae.memory_format(DEVICE)).eval()
     x, z = torch.rand(1, 1, *preset.image_shape, device=DEVICE), torch.randn(1, *preset.latent_shape, device=DEVICE)
     t = torch.tensor([500], device=DEVICE)
     peak = evaluate.conv_peak(DEVICE)
@@ -46,7 +46,7 @@ def speed(preset):
         print(f"Conv3d 64->64 peak: bfloat16 {peak / 1e9:.0f} GFLOP/s")
     for amp in ("off", "bf16") if has_bf16 else ("off",):
         ctx, dtype = ldae.autocast(DEVICE, amp)
-        with torch.no_grad(), ctx:
+        with torch.no_grad(), ctx, ldae.heap_memory():  # as evaluate.py
             times = {"AE encode": seconds(lambda: ae.encode(x)), "AE decode": seconds(lambda: ae.decode(z)),
                      "latent UNet step": seconds(lambda: unet(z, t))}
         print(f"{amp:>4} ({str(dtype).replace('torch.', '')}): "
@@ -59,8 +59,8 @@ def speed(preset):
 
 def monai_speed(preset):
     """The same three calls with MONAI's AutoencoderKL and DiffusionModelUNet at the preset's configuration, with
-    MONAI's defaults (float32, contiguous): the reference the issue compares against. Needs `pip install monai`,
-    which ldae itself never imports."""
+    MONAI's defaults (float32, contiguous) and, on a CPU with bfloat16, its best set-up: the references the
+    issue compares against. Needs `pip install monai`, which ldae itself never imports."""
     from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
     levels = len(preset.ae_channels)
@@ -74,15 +74,20 @@ def monai_speed(preset):
                               attention_levels=tuple(2 ** i in preset.unet_attention for i in range(len(channels))),
                               num_res_blocks=preset.unet_blocks, num_head_channels=channels,
                               norm_num_groups=min(32, preset.unet_base))
-    ae, unet = ae.to(DEVICE).eval(), unet.to(DEVICE).eval()
     x, z = torch.rand(1, 1, *preset.image_shape, device=DEVICE), torch.randn(1, *preset.latent_shape, device=DEVICE)
     t = torch.tensor([500], device=DEVICE)
-    with torch.no_grad():
-        times = {"AE encode": seconds(lambda: ae.encode(x)), "AE decode": seconds(lambda: ae.decode(z)),
-                 "latent UNet step": seconds(lambda: unet(z, t))}
     params = sum(p.numel() for p in unet.parameters()) / 1e6
-    print(f"MONAI float32 defaults: " + "   ".join(f"{name} {s:.3f} s" for name, s in times.items())
-          + f"   (UNet {params:.0f} M parameters)")
+    # Its defaults, then the issue's best set-up: bfloat16 autocast and channels_last_3d (THP is on already).
+    setups = [("float32 defaults", "off", torch.contiguous_format)]
+    if ldae.cpu_has_bf16() and DEVICE.type == "cpu":
+        setups.append(("bfloat16 + channels_last_3d", "bf16", torch.channels_last_3d))
+    for setup, amp, layout in setups:
+        ae, unet = ae.to(DEVICE, memory_format=layout).eval(), unet.to(DEVICE, memory_format=layout).eval()
+        with torch.no_grad(), ldae.autocast(DEVICE, amp)[0]:
+            times = {"AE encode": seconds(lambda: ae.encode(x.contiguous(memory_format=layout))),
+                     "AE decode": seconds(lambda: ae.decode(z)), "latent UNet step": seconds(lambda: unet(z, t))}
+        print(f"MONAI {setup}: " + "   ".join(f"{name} {s:.3f} s" for name, s in times.items())
+              + f"   (UNet {params:.0f} M parameters)")
 
 
 def stage_loss(preset, stage, device):

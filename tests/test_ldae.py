@@ -42,6 +42,22 @@ def test_schedule_constants_match_float64_formulas():
     assert 0.70 < d.w.max().item() < 0.74 and 440 < d.w.argmax().item() < 510  # METHOD 4: peak ~0.72 near 475
 
 
+@pytest.mark.parametrize("cin", [8, 16])  # with a 1x1 shortcut, and with the identity one
+def test_resblock_in_place_inference_matches_training_pass_and_keeps_its_input(cin):
+    torch.manual_seed(0)
+    block = ldae.ResBlock(cin, 16, cond_dims=(4,))
+    torch.nn.init.normal_(block.conv2.weight, std=0.1)  # zero-initialised: the block would be its shortcut alone
+    x, c = torch.randn(2, cin, 4, 5, 4), torch.randn(2, 4)
+    kept = x.clone()
+    with torch.no_grad():
+        fast = block(x, (c,))  # SiLU and the residual add in place
+    slow = block(x, (c,))  # autograd on: the out-of-place path
+    assert torch.equal(x, kept)
+    assert torch.allclose(fast, slow, atol=1e-6) and fast.abs().mean() > 0.1
+    slow.sum().backward()  # the training path stays differentiable
+    assert block.conv1.weight.grad.abs().sum() > 0
+
+
 def test_ddim_timesteps_follow_the_linspace_rule():
     assert ldae.ddim_timesteps(10) == [0, 99, 199, 299, 399, 499, 599, 699, 799, 899, 999]
     assert len(ldae.ddim_timesteps(100)) == 101
