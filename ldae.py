@@ -451,6 +451,11 @@ def gaussian_window(size, sigma):
 def ssim3d(x, y, data_range=1.0, size=7, sigma=1.5, mask=None):
     """Mean SSIM per volume (B,) of x, y (B, 1, D, H, W): Gaussian window, valid convolution,
     k1 = 0.01, k2 = 0.03. With a mask (B, 1, D, H, W), averaged over the masked voxels only."""
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta: FLOP counts, no autocast
+        # The variances below are differences of blurred squares: in bfloat16 they cancel to noise or below
+        # zero (a bfloat16 stage-1 run hit a -inf loss at step 94), so SSIM always runs in float32.
+        with torch.autocast(x.device.type, enabled=False):
+            return ssim3d(x, y, data_range, size, sigma, mask)
     g = gaussian_window(size, sigma).to(x.device)
     x, y = x.float(), y.float()
 
@@ -581,16 +586,16 @@ def cpu_has_bf16():
 
 
 def autocast(device, amp, inference=False):
-    """(autocast context, its dtype). amp: 'auto', 'bf16', 'fp16' or 'off'. For training 'auto' is bfloat16 on
-    CUDA when supported, else float16, and float32 on the CPU: a bfloat16 cpu-preset autoencoder training step
-    was no faster even with native bfloat16 (0.83 vs 0.72-0.81 s, one thread), and without it ~50x slower.
-    For inference 'auto' is bfloat16 on a CPU with native bfloat16 (the autoencoder's output layer stays
-    float32; the demo's test reconstruction SSIM moved by 0.0006) and float32 elsewhere: on an H100 at batch 1
-    bfloat16 made the latent UNet step slower."""
-    if amp == "auto" and inference:
-        amp = "bf16" if device.type == "cpu" and cpu_has_bf16() else "off"
+    """(autocast context, its dtype). amp: 'auto', 'bf16', 'fp16' or 'off'. 'auto' is bfloat16 on a CPU with
+    native bfloat16 (without it ~50x slower: float32), for training and inference. Training steps at the cpu
+    preset, 2 threads: autoencoder 0.30 -> 0.16 s, stage 2a 0.37 -> 0.17 s, stage 2b 0.39 -> 0.24 s; paper
+    autoencoder with checkpointing 103 -> 62 s. At inference the autoencoder's output layer stays float32 (the
+    demo's test reconstruction SSIM moved by 0.0009). On CUDA, training takes bfloat16 where supported, else
+    float16, and inference float32: on an H100 at batch 1 bfloat16 made the latent UNet step slower."""
+    if amp == "auto" and device.type == "cpu":
+        amp = "bf16" if cpu_has_bf16() else "off"
     elif amp == "auto":
-        amp = "off" if device.type == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        amp = "off" if inference else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     if amp not in ("bf16", "fp16", "off"):
         raise ValueError(f"--amp {amp!r}: choose auto, bf16, fp16 or off")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}[amp]
@@ -598,10 +603,11 @@ def autocast(device, amp, inference=False):
 
 
 def memory_format(device):
-    """Layout for the autoencoder and discriminator, and for the UNet at inference: channels_last_3d on the CPU,
-    where oneDNN runs these convolutions faster in it (cpu preset: autoencoder training step 1.29 -> 1.20 s,
-    decoding 0.27 -> 0.21 s; paper UNet step in bfloat16 0.77 -> 0.68 s, float32 1.41 -> 1.33 s; UNet training
-    steps no faster); PyTorch's default layout elsewhere."""
+    """Layout for inference: channels_last_3d on the CPU, where oneDNN runs these convolutions faster (paper UNet
+    step in bfloat16 0.77 -> 0.68 s, float32 1.41 -> 1.33 s; cpu-preset decoding 0.27 -> 0.21 s); PyTorch's
+    default layout elsewhere. Training keeps the default layout: PyTorch's GroupNorm backward is slow in
+    channels_last_3d (1x64x128x160x128 bfloat16: 1.0-1.3 s against 0.05 s), which made the cpu-preset
+    bfloat16 autoencoder step 0.28 s against 0.16 s; in float32 the two layouts train at the same speed."""
     return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
 
 

@@ -100,9 +100,8 @@ def main(cfg):
     total = cfg.steps or cfg.epochs * steps_per_epoch
 
     torch.manual_seed(cfg.seed)
-    layout = ldae.memory_format(device)
-    ae = preset.autoencoder(cfg.checkpointing).to(device, memory_format=layout)
-    disc = preset.discriminator().to(device, memory_format=layout)
+    ae = preset.autoencoder(cfg.checkpointing).to(device)  # default layout for training: see ldae.memory_format
+    disc = preset.discriminator().to(device)
     opt = torch.optim.Adam(ae.parameters(), lr=cfg.lr)
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr_d)
     amp_ctx, amp_dtype = ldae.autocast(device, cfg.amp)
@@ -138,7 +137,7 @@ def main(cfg):
         losses, adversarial = {}, step >= adv_start
         for micro in range(cfg.accumulate):
             ids = [train_idx[i] for i in batch_ids[micro * cfg.batch_size:(micro + 1) * cfg.batch_size]]
-            x = torch.tensor(images[ids]).to(device, memory_format=layout)
+            x = torch.tensor(images[ids]).to(device)
             with amp_ctx:
                 x_hat, mean, logvar = model(x)
                 x_hat = x_hat.float()

@@ -156,19 +156,20 @@ def test_conv3d_on_onednn_matches_the_reference_convolution(stride):
         assert conv(x).dtype == torch.bfloat16
 
 
-def test_auto_precision_is_float32_on_the_cpu():
+def test_explicit_precisions_and_a_bad_one():
     cpu = torch.device("cpu")
-    assert ldae.autocast(cpu, "auto")[1] == torch.float32
     assert ldae.autocast(cpu, "bf16")[1] == torch.bfloat16 and ldae.autocast(cpu, "off")[1] == torch.float32
     with pytest.raises(ValueError, match="--amp"):
         ldae.autocast(cpu, "fp8")
 
 
-def test_inference_is_bfloat16_only_on_a_cpu_with_native_bfloat16(monkeypatch):
+@pytest.mark.parametrize("inference", [False, True])
+def test_auto_is_bfloat16_only_on_a_cpu_with_native_bfloat16(monkeypatch, inference):
     for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(ldae, "cpu_has_bf16", lambda: native)
-        assert ldae.autocast(torch.device("cpu"), "auto", inference=True)[1] == expected
-    assert ldae.autocast(torch.device("cuda"), "auto", inference=True)[1] == torch.float32
+        assert ldae.autocast(torch.device("cpu"), "auto", inference=inference)[1] == expected
+    if inference:  # on CUDA inference stays float32; training's choice depends on the card
+        assert ldae.autocast(torch.device("cuda"), "auto", inference=True)[1] == torch.float32
 
 
 def test_ema_follows_the_weights_early_and_settles_at_its_decay():
@@ -198,6 +199,15 @@ def test_ssim_matches_the_formula_on_a_constant_shift():
     a, b, c1 = 0.5, 0.3, 0.01**2
     x, y = torch.full((1, 1, 9, 9, 9), a), torch.full((1, 1, 9, 9, 9), b)
     assert ldae.ssim3d(x, y).item() == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), rel=1e-4)  # float32 windows
+
+
+def test_ssim_under_bfloat16_autocast_is_the_float32_value():
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 16, 16, 16)
+    y = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+    with torch.autocast("cpu", torch.bfloat16):  # training's default on a CPU with native bfloat16
+        under_amp = ldae.ssim3d(x, y)
+    assert under_amp.dtype == torch.float32 and torch.allclose(under_amp, ldae.ssim3d(x, y), atol=1e-6)
 
 
 def test_slerp_keeps_the_norm_of_orthogonal_unit_vectors_and_hits_the_ends():
