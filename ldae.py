@@ -5,7 +5,7 @@ branch), SemanticEncoder, Diffusion (schedule, losses, DDIM), metrics shared by 
 then the named presets. "METHOD n" points to a section of METHOD.md, which holds the equations.
 """
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +15,12 @@ from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------------------------------
 # Building blocks (all 3D; every axis is down- and up-sampled alike)
+
+
+def float32_region(device):
+    """Autocast off, for what must stay float32 under mixed precision. The meta device (FLOP counting) has no
+    autocast: nothing to turn off there."""
+    return nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
 
 
 def group_norm(channels):
@@ -160,10 +166,8 @@ class AutoencoderKL(nn.Module):
         # The output convolution runs in float32 under autocast: bfloat16 rounding of the image itself moved
         # the cpu demo's reconstruction SSIM by up to 0.0019, with this one layer in float32 by 0.0003 at most.
         h = run_blocks(self.decoder[:-1], z, self.checkpointing)
-        if h.device.type != "meta" and torch.is_autocast_enabled(h.device.type):  # meta: FLOP counts, no autocast
-            with torch.autocast(h.device.type, enabled=False):
-                return self.decoder[-1](h.float())
-        return self.decoder[-1](h)
+        with float32_region(h.device):
+            return self.decoder[-1](h.float())
 
     def forward(self, x):
         mean, logvar = self.encode(x)
@@ -451,29 +455,28 @@ def gaussian_window(size, sigma):
 def ssim3d(x, y, data_range=1.0, size=7, sigma=1.5, mask=None):
     """Mean SSIM per volume (B,) of x, y (B, 1, D, H, W): Gaussian window, valid convolution,
     k1 = 0.01, k2 = 0.03. With a mask (B, 1, D, H, W), averaged over the masked voxels only."""
-    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta: FLOP counts, no autocast
-        # The variances below are differences of blurred squares: in bfloat16 they cancel to noise or below
-        # zero (a bfloat16 stage-1 run hit a -inf loss at step 94), so SSIM always runs in float32.
-        with torch.autocast(x.device.type, enabled=False):
-            return ssim3d(x, y, data_range, size, sigma, mask)
-    g = gaussian_window(size, sigma).to(x.device)
-    x, y = x.float(), y.float()
+    # The variances below are differences of blurred squares: in bfloat16 they cancel to noise or below zero
+    # (a bfloat16 stage-1 run hit a -inf loss at step 94), so SSIM runs in float32 even under autocast.
+    with float32_region(x.device):
+        g = gaussian_window(size, sigma).to(x.device)
+        x, y = x.float(), y.float()
 
-    def blur(u):  # separable Gaussian, valid region only
-        for axis in range(3):
-            shape = [1, 1, 1, 1, 1]
-            shape[2 + axis] = size
-            u = F.conv3d(u, g.reshape(shape))
-        return u
+        def blur(u):  # separable Gaussian, valid region only
+            for axis in range(3):
+                shape = [1, 1, 1, 1, 1]
+                shape[2 + axis] = size
+                u = F.conv3d(u, g.reshape(shape))
+            return u
 
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
-    ssim_map = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    if mask is None:
-        return ssim_map.flatten(1).mean(1)
-    m = mask.float()[..., size // 2:, size // 2:, size // 2:][..., :ssim_map.shape[2], :ssim_map.shape[3], :ssim_map.shape[4]]
-    return (ssim_map * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)
+        c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+        mx, my = blur(x), blur(y)
+        vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+        ssim_map = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+        if mask is None:
+            return ssim_map.flatten(1).mean(1)
+        D, H, W = ssim_map.shape[2:]
+        m = mask.float()[..., size // 2:, size // 2:, size // 2:][..., :D, :H, :W]
+        return (ssim_map * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -590,7 +593,7 @@ def autocast(device, amp, inference=False):
     native bfloat16 (without it ~50x slower: float32), for training and inference. Training steps at the cpu
     preset, 2 threads: autoencoder 0.30 -> 0.16 s, stage 2a 0.37 -> 0.17 s, stage 2b 0.39 -> 0.24 s; paper
     autoencoder with checkpointing 103 -> 62 s. At inference the autoencoder's output layer stays float32 (the
-    demo's test reconstruction SSIM moved by 0.0009). On CUDA, training takes bfloat16 where supported, else
+    demo's test reconstruction SSIM moved by 0.0001-0.0009). On CUDA, training takes bfloat16 where supported, else
     float16, and inference float32: on an H100 at batch 1 bfloat16 made the latent UNet step slower."""
     if amp == "auto" and device.type == "cpu":
         amp = "bf16" if cpu_has_bf16() else "off"

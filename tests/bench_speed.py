@@ -83,8 +83,9 @@ def monai_speed(preset):
         setups.append(("bfloat16 + channels_last_3d", "bf16", torch.channels_last_3d))
     for setup, amp, layout in setups:
         ae, unet = ae.to(DEVICE, memory_format=layout).eval(), unet.to(DEVICE, memory_format=layout).eval()
+        x = x.contiguous(memory_format=layout)
         with torch.no_grad(), ldae.autocast(DEVICE, amp)[0]:
-            times = {"AE encode": seconds(lambda: ae.encode(x.contiguous(memory_format=layout))),
+            times = {"AE encode": seconds(lambda: ae.encode(x)),
                      "AE decode": seconds(lambda: ae.decode(z)), "latent UNet step": seconds(lambda: unet(z, t))}
         print(f"MONAI {setup}: " + "   ".join(f"{name} {s:.3f} s" for name, s in times.items())
               + f"   (UNet {params:.0f} M parameters)")
