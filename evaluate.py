@@ -1,6 +1,6 @@
-"""Evaluate a trained LDAE run: probes, reconstruction, manipulation, interpolation, variations, throughput.
+"""Evaluate a trained LDAE run: probes, reconstruction, sampling, manipulation, interpolation, variations, throughput.
 
-    python evaluate.py --task ad|age|reconstruct|manipulate|interpolate|variations|throughput [--out runs]
+    python evaluate.py --task ad|age|reconstruct|sample|manipulate|interpolate|variations|throughput [--out runs]
 
 Reads runs/ae.pt and runs/ldae.pt (EMA encoder and UNet), scores the run's test split, prints a table
 and writes runs/eval/TASK.json (NIfTI and PNG outputs under runs/eval/TASK/).
@@ -207,18 +207,19 @@ def psnr(x, y, data_range=1.0):
 
 
 # -----------------------------------------------------------------------------
-# Evaluation tasks (probes, reconstruction, manipulation, interpolation, variations, throughput)
+# Evaluation tasks (probes, reconstruction, sampling, manipulation, interpolation, variations, throughput)
 
 
 @dataclass
 class Config:
     """Evaluate a trained LDAE run on its test split."""
-    task: str = ""  # ad | age | reconstruct | manipulate | interpolate | variations | throughput
+    task: str = ""  # ad | age | reconstruct | sample | manipulate | interpolate | variations | throughput
     out: str = "runs"  # the run folder with ae.pt and ldae.pt
-    steps: int = 50  # DDIM steps of manipulate, interpolate and variations
+    steps: int = 50  # DDIM steps of sample, manipulate, interpolate and variations
     steps_list: str = ""  # reconstruct: "10,20,50,100", throughput: "10,50,100" when empty
-    max_scans: int = 16  # reconstruct: test scans scored
-    n_scans: int = 3  # manipulate: test scans edited
+    max_scans: int = 48  # reconstruct: test scans scored
+    n_samples: int = 16  # sample: z_T ~ N(0, I) decoded without y_sem
+    n_scans: int = 16  # manipulate: test scans edited
     alphas: str = "-2,-1,1,2"  # manipulate: steps along the AD direction, in units of sqrt(y_dim)
     n: int = 4  # variations: random z_T
     scan: int = 0  # variations: which test scan
@@ -231,7 +232,7 @@ class Config:
     seed: int = 0
 
 
-TASKS = ("ad", "age", "reconstruct", "manipulate", "interpolate", "variations", "throughput")
+TASKS = ("ad", "age", "reconstruct", "sample", "manipulate", "interpolate", "variations", "throughput")
 L2_GRID = [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]  # the logistic l2 is sklearn's 1 / C
 BRAIN_THRESHOLD = 0.05  # voxels of the scaled input above this are brain for the masked SSIM
 
@@ -242,9 +243,11 @@ class Run:
     path: Path
     preset: ldae.Preset
     ae_config: dict
+    ldae_config: dict  # train_ldae.py's config of stage 2b
     rows: list
     images: np.ndarray  # (N, 1, D, H, W) memory-mapped, rows' order
-    latents: torch.Tensor  # (N, *latent_shape), already multiplied by latent_scale
+    latents: torch.Tensor  # (N, *latent_shape), the DDPM's z0 (ldae.scale_latent)
+    latent_mean: torch.Tensor
     latent_scale: float
     split: dict  # subject -> train | val | test
     ae: torch.nn.Module
@@ -270,7 +273,7 @@ def open_run(cfg):
         raise SystemExit(f"error: {ae_path} not found: train stage 1 first with `python train_ae.py --out {cfg.out}` "
                          f"(plus your --data and --preset), then `python train_ldae.py --out {cfg.out}`")
     ae_state = ldae.load_checkpoint(ae_path)
-    if "latent_scale" not in ae_state:
+    if "latent_mean" not in ae_state:
         raise SystemExit(f"error: {ae_path}: stage 1 has not finished; run `python train_ae.py --out {cfg.out} "
                          f"--resume` first")
     if not ldae_path.exists():
@@ -280,6 +283,10 @@ def open_run(cfg):
     if state["stage"] != "repr":
         raise SystemExit(f"error: {ldae_path} holds only stage 2a (no trained semantic encoder); run "
                          f"`python train_ldae.py --out {cfg.out} --stage repr` first")
+    if state["config"].get("oracle"):
+        raise SystemExit(f"error: {ldae_path} is from an --oracle diagnostic run (`train_ldae.py --oracle`): its "
+                         f"estimator learnt from an oracle code, so it has no trained encoder to evaluate; evaluate a "
+                         f"run trained without --oracle")
     if not state["finished"]:
         print(f"warning: {ldae_path}: stage 2b stopped at step {state['step']} before the end; evaluating its EMA "
               f"weights as they are (finish with `python train_ldae.py --out {cfg.out} --resume`)")
@@ -300,8 +307,9 @@ def open_run(cfg):
     print(f"{path}: preset {ae_cfg['preset']}, {len(rows)} scans, device {device}")
     layout = ldae.memory_format(device)
     ae, unet = ae.to(device, memory_format=layout).eval(), unet.to(device, memory_format=layout).eval()
-    return Run(path, preset, ae_cfg, rows, images, latents, ae_state["latent_scale"], ae_state["split"], ae,
-               unet, encoder.to(device).eval(), ldae.Diffusion(), device, amp, precision)
+    return Run(path, preset, ae_cfg, state["config"], rows, images, latents, ae_state["latent_mean"],
+               ae_state["latent_scale"], ae_state["split"], ae, unet, encoder.to(device).eval(), ldae.Diffusion(),
+               device, amp, precision)
 
 
 # ---- network passes, batched; every output float32 on the device
@@ -313,13 +321,23 @@ def batches(indices, size, desc=None):
 
 
 @torch.no_grad()
-def semantic(run, indices, batch_size, desc="semantic encoder"):
-    """y_sem of the given scans (N, y_dim), on the CPU."""
+def semantic(run, indices, batch_size, desc="semantic encoder", encoder=None):
+    """y_sem of the given scans (N, y_dim), on the CPU; by run.encoder unless another encoder is given."""
+    encoder = encoder or run.encoder
     out = []
     for chunk in batches(indices, batch_size, desc):
         with run.amp:
-            out.append(run.encoder(run.x(chunk)).float().cpu())
+            out.append(encoder(run.x(chunk)).float().cpu())
     return torch.cat(out)
+
+
+def untrained_encoder(run):
+    """The semantic encoder stage 2 started from: train_ldae.py seeds with its --seed, then builds the UNet and
+    the encoder, so doing the same here draws the same random weights. The global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.ldae_config["seed"])
+        run.preset.unet()
+        return run.preset.encoder().to(run.device).eval()
 
 
 @torch.no_grad()
@@ -333,7 +351,7 @@ def semantic_of(run, x):
 def decode_latent(run, z0):
     """Scaled latent -> image: divide by s, AE decoder (no clamp, METHOD 5)."""
     with run.amp:
-        return run.ae.decode(z0 / run.latent_scale).float()
+        return run.ae.decode(ldae.unscale_latent(z0, run.latent_mean, run.latent_scale)).float()
 
 
 @torch.no_grad()
@@ -343,11 +361,16 @@ def ddim_encode(run, z0, y_sem, steps):
 
 
 @torch.no_grad()
+def ddim_latent(run, z_T, y_sem, steps, clip_z0=0.0):
+    """z_T -> scaled latent by DDIM, guided by y_sem; y_sem None: eps_theta alone (the unconditional DDPM)."""
+    y_sem = None if y_sem is None else y_sem.to(run.device)
+    with run.amp:
+        return run.diffusion.ddim_sample(run.unet, z_T.to(run.device), y_sem, steps, clip_z0 or None)
+
+
 def ddim_decode(run, z_T, y_sem, steps, clip_z0=0.0):
     """z_T -> image: guided DDIM to a latent, then the AE decoder."""
-    with run.amp:
-        z0 = run.diffusion.ddim_sample(run.unet, z_T.to(run.device), y_sem.to(run.device), steps, clip_z0 or None)
-    return decode_latent(run, z0)
+    return decode_latent(run, ddim_latent(run, z_T, y_sem, steps, clip_z0))
 
 
 def image_metrics(x_hat, x):
@@ -482,13 +505,15 @@ def ad_scans(run):
     return train, test
 
 
-def probe_features(run, y_sem, train, test):
-    """(train, test) features per method, fitted on train only: y_sem (rows of the (N, y_dim) y_sem), PCA of
-    the voxels (k = min(50, n - 1)), the flattened AE latent."""
+def probe_features(run, y_sem, y_sem_untrained, train, test):
+    """(train, test) features per method, fitted on train only: y_sem (rows of the (N, y_dim) y_sem), the same
+    from the encoder's random start (what training added), PCA of the voxels (k = min(50, n - 1)), the
+    flattened AE latent."""
     voxels = lambda idx: torch.tensor(np.asarray(run.images[idx]).reshape(len(idx), -1))  # (n, D * H * W)
     train_voxels = voxels(train)
     mean, components, _ = pca_fit(train_voxels, 50)
     return {"ldae": (y_sem[train], y_sem[test]),
+            "baseline_untrained_encoder": (y_sem_untrained[train], y_sem_untrained[test]),
             "baseline_pca": (pca_transform(train_voxels, mean, components),
                              pca_transform(voxels(test), mean, components)),
             "baseline_latent": (run.latents[train].flatten(1), run.latents[test].flatten(1))}
@@ -510,8 +535,9 @@ def subject_folds(run, scans, k, seed):
 
 
 def probe_task(run, cfg, kind):
-    """The y_sem probe beside two baselines fed to the same probe: PCA of the voxels, the flattened AE latent.
-    Scored on the run's test split; with --folds K also by K-fold cross-validation over every scan."""
+    """The y_sem probe beside three baselines fed to the same probe: y_sem of the untrained encoder, PCA of the
+    voxels, the flattened AE latent. Scored on the run's test split; with --folds K also by K-fold
+    cross-validation over every scan."""
     if kind == "logistic":
         train, test = ad_scans(run)
         target = lambda idx: torch.tensor([float(run.rows[i]["diagnosis"] == "AD") for i in idx])
@@ -521,19 +547,22 @@ def probe_task(run, cfg, kind):
             raise SystemExit(f"error: the test split of {run.path / 'ae.pt'} is empty")
         target = lambda idx: torch.tensor([run.rows[i]["age"] for i in idx], dtype=torch.float64)
     scans = sorted(train + test)
-    y_sem = torch.zeros(len(run.rows), run.preset.y_dim)
+    y_sem, y_sem_untrained = torch.zeros(2, len(run.rows), run.preset.y_dim)
     y_sem[scans] = semantic(run, scans, cfg.batch_size)
+    y_sem_untrained[scans] = semantic(run, scans, cfg.batch_size, "untrained encoder", untrained_encoder(run))
 
     def scores(fit_idx, test_idx):
         groups, y_fit, y_test = [run.rows[i]["subject"] for i in fit_idx], target(fit_idx), target(test_idx)
+        features = probe_features(run, y_sem, y_sem_untrained, fit_idx, test_idx)
         out = {name: probe_scores(kind, X_fit, y_fit, groups, X_test, y_test)
-               for name, (X_fit, X_test) in probe_features(run, y_sem, fit_idx, test_idx).items()}
+               for name, (X_fit, X_test) in features.items()}
         if kind == "ridge":  # the floor a feature has to beat: every test scan gets the mean training age
             out["baseline_mean_age"] = regression_metrics(torch.full_like(y_test, float(y_fit.mean())), y_test)
         return out
 
     result = scores(train, test) | {"n_train": len(train), "n_test": len(test),
-                                    "pca_components": min(50, len(train) - 1)}
+                                    "pca_components": min(50, len(train) - 1),
+                                    "y_sem_spread": ldae.spread_of(y_sem[test]) if len(test) > 1 else None}
     if cfg.folds:
         folds = subject_folds(run, scans, cfg.folds, cfg.seed)
         per_fold = [scores([i for g in folds if g is not fold for i in g], fold)
@@ -565,40 +594,162 @@ def steps_list(cfg, default):
 
 
 def task_reconstruct(run, cfg):
-    """AE alone; LDAE through DDIM-encoded z_T for each S; LDAE from y_sem only with z_T ~ N(0, I)."""
+    """AE alone; LDAE through DDIM-encoded z_T for each S; LDAE from y_sem only with z_T ~ N(0, I), and from the
+    same z_T with another subject's y_sem: the scan is in y_sem if its own decodes closer to it."""
     indices = run.indices("test")[:cfg.max_scans]
     if not indices:
         raise SystemExit(f"error: the test split of {run.path / 'ae.pt'} is empty")
     steps = steps_list(cfg, "10,20,50,100")
+    y_sem = semantic(run, indices, cfg.batch_size).to(run.device)  # (N, y_dim)
+    partner = other_subject_partner([run.rows[i]["subject"] for i in indices])
     per_scan = {"autoencoder": []} | {f"ldae_S{s}": [] for s in steps} | {"ldae_random_zT": []}
+    ssim_other_subject = []
     generator = torch.Generator().manual_seed(cfg.seed)
-    y_sems = []
-    for chunk in batches(indices, cfg.batch_size, "reconstruct"):
-        x, z0 = run.x(chunk), run.latents[chunk].to(run.device)
-        y_sem = semantic_of(run, x)
-        y_sems.append(y_sem)
+    for chunk in batches(list(range(len(indices))), cfg.batch_size, "reconstruct"):  # positions in indices
+        scans = [indices[p] for p in chunk]
+        x, z0, y = run.x(scans), run.latents[scans].to(run.device), y_sem[chunk]
         per_scan["autoencoder"] += image_metrics(decode_latent(run, z0), x)
         for s in steps:
-            z_T = ddim_encode(run, z0, y_sem, s)
-            per_scan[f"ldae_S{s}"] += image_metrics(ddim_decode(run, z_T, y_sem, s, cfg.clip_z0), x)
+            z_T = ddim_encode(run, z0, y, s)
+            per_scan[f"ldae_S{s}"] += image_metrics(ddim_decode(run, z_T, y, s, cfg.clip_z0), x)
         z_T = torch.randn(z0.shape, generator=generator)
-        per_scan["ldae_random_zT"] += image_metrics(ddim_decode(run, z_T, y_sem, max(steps), cfg.clip_z0), x)
+        per_scan["ldae_random_zT"] += image_metrics(ddim_decode(run, z_T, y, max(steps), cfg.clip_z0), x)
+        if partner:
+            y_other = y_sem[[partner[p] for p in chunk]]
+            ssim_other_subject += ldae.ssim3d(ddim_decode(run, z_T, y_other, max(steps), cfg.clip_z0), x).tolist()
     result = {name: mean_metrics(m) for name, m in per_scan.items()}
-    return result | {"random_zT_steps": max(steps), "clip_z0": cfg.clip_z0 or None,
-                     "stage2b_loss": stage2b_loss_by_y_sem(run, run.latents[indices], torch.cat(y_sems), cfg.seed)}
+    losses = stage2b_loss_by_y_sem(run, run.latents[indices], y_sem, cfg.seed, partner)
+    losses["perfect_code_bound"] = perfect_code_bound(run.latents[run.indices("train")], run.diffusion)
+    if partner:
+        gap, bound = losses["mean_gap_other_minus_own"], losses["perfect_code_bound"]
+        losses["gap_over_bound"] = gap / bound if bound > 0 else None
+        ssim_own = [m["ssim"] for m in per_scan["ldae_random_zT"]]
+        result["random_zT_own_vs_other_subject"] = {
+            "own_better_fraction": sum(a > b for a, b in zip(ssim_own, ssim_other_subject)) / len(ssim_own),
+            "ssim_own_mean": sum(ssim_own) / len(ssim_own),
+            "ssim_other_mean": sum(ssim_other_subject) / len(ssim_other_subject)}
+    return result | {"random_zT_steps": max(steps), "clip_z0": cfg.clip_z0 or None, "stage2b_loss": losses,
+                     "y_sem_spread": ldae.spread_of(y_sem) if len(indices) > 1 else None}  # a spread needs 2 scans
+
+
+def other_subject_partner(subjects):
+    """For each scan (subjects: its subject, per scan), the position of a scan of a different subject; None when
+    every scan is of one subject. Subjects, in order of first appearance, pass to the next one round a cycle, and
+    a subject's j-th scan pairs with the next subject's scan j modulo its count: fixed, so reruns compare alike."""
+    order = list(dict.fromkeys(subjects))
+    if len(order) < 2:
+        return None
+    scans_of = {s: [p for p, q in enumerate(subjects) if q == s] for s in order}
+    next_subject = dict(zip(order, order[1:] + order[:1]))
+    partner = []
+    for p, s in enumerate(subjects):
+        others = scans_of[next_subject[s]]
+        partner.append(others[scans_of[s].index(p) % len(others)])
+    return partner
+
+
+def perfect_code_bound(train_latents, diffusion):
+    """How much a y_sem that knew each latent exactly could lower stage 2b's loss, were the latents Gaussian with
+    the covariance of train_latents (N, *latent_shape); the scale for the gap between own and other y_sem.
+
+    Along a direction of variance lam, z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps. The best prediction of eps
+    from z_t alone (eps_theta without y) errs by Var(eps | z_t) = snr_t lam / (snr_t lam + 1); with a y that
+    knows z0, eps = (z_t - sqrt(abar_t) z0) / sqrt(1 - abar_t) exactly: error 0. The loss is a mean over latent
+    elements and uniform t, weighted by w_t, so the bound is mean_t w_t sum_j snr_t lam_j / (snr_t lam_j + 1)
+    / elements. A trained eps_theta is not the Gaussian-optimal predictor and real latents are not Gaussian:
+    a scale, not a strict limit. Directions the N training latents do not span count as 0.
+    """
+    flat = train_latents.flatten(1).double()  # (N, elements)
+    n, elements = flat.shape
+    centred = flat - flat.mean(0)
+    lam = torch.linalg.eigvalsh(centred @ centred.T / (n - 1)).clamp_min(0)  # the covariance's nonzero eigenvalues
+    snr = diffusion.snr[:, None]  # (T, 1)
+    saving = (snr * lam / (snr * lam + 1)).sum(1) / elements  # (T,)
+    return float((diffusion.w * saving).mean())
 
 
 @torch.no_grad()
-def stage2b_loss_by_y_sem(run, z0, y_sem, seed, draws=8):
-    """Does the gradient estimator use y_sem? Stage 2b's loss on scans with scaled latents z0 (the same
-    timesteps and noise each time) with each scan's own y_sem, with the next scan's, and with zeros. Equal
-    losses mean the estimator ignores y_sem, and then so did the gradient that trained the encoder."""
+def stage2b_loss_per_scan(run, z0, y_sem, seed, draws):
+    """Stage 2b's loss per scan, averaged over `draws` draws of (t, eps). The seed fixes the draws, so every y_sem
+    meets the same timesteps and noise. (N,) float64 on the CPU, so means of differences are differences of means."""
+    torch.manual_seed(seed)
+    total = sum(run.diffusion.repr_loss_per_scan(run.unet, y_sem, z0) for _ in range(draws))
+    return (total / draws).double().cpu()
+
+
+def stage2b_loss_by_y_sem(run, z0, y_sem, seed, partner=None, draws=8):
+    """Does the gradient estimator use y_sem? Stage 2b's loss on scans with scaled latents z0 with each scan's
+    own y_sem, the next scan's, zeros, and (partner: other_subject_partner) another subject's. Equal losses mean
+    the estimator ignores y_sem, and then so did the gradient that trained the encoder. Per scan, own below
+    other subject says y_sem carries that scan, not only what the cohort shares."""
     z0, y_sem = z0.to(run.device), y_sem.to(run.device)
-    losses = {}
-    for name, y in (("own_y_sem", y_sem), ("next_scan_y_sem", y_sem.roll(1, 0)), ("zero_y_sem", 0 * y_sem)):
-        torch.manual_seed(seed)
-        losses[name] = sum(run.diffusion.repr_loss(run.unet, y, z0).item() for _ in range(draws)) / draws
+    variants = {"own_y_sem": y_sem, "next_scan_y_sem": y_sem.roll(1, 0), "zero_y_sem": 0 * y_sem}
+    if partner:
+        variants["other_subject_y_sem"] = y_sem[partner]
+    per_scan = {name: stage2b_loss_per_scan(run, z0, y, seed, draws) for name, y in variants.items()}
+    losses = {name: float(loss.mean()) for name, loss in per_scan.items()}
+    if partner:
+        gap = per_scan["other_subject_y_sem"] - per_scan["own_y_sem"]
+        losses |= {"own_below_other_subject_fraction": float((gap > 0).double().mean()),
+                   "mean_gap_other_minus_own": float(gap.mean())}
     return losses
+
+
+# ---- unconditional samples of the latent DDPM (METHOD 3)
+
+
+def task_sample(run, cfg):
+    """Does the latent DDPM alone make brains? z_T ~ N(0, I) decoded by eps_theta only (no y_sem), then the AE.
+
+    Each sample is scored by its SSIM to the nearest training scan (nearest by L2 among the scaled training
+    latents, both sides decoded by the AE, so the autoencoder's own blur is on both). High SSIM says a sample
+    looks like one of the cohort's brains; but a copy of a training scan would score highest, so the figure
+    to match is that of the real held-out test scans, which are brains and no copies. "noise" decodes z0 ~ N(0, I)
+    directly: the training latents' average plus noise, which the decoder smooths into an average brain, close
+    to every training scan in SSIM (0.87 on the demo, above the test scans' 0.84) yet far in the latent space.
+    So read the latent distances too: a sample much farther from every training latent than the test scans
+    are is off the data's distribution, one much nearer is a copy."""
+    test = run.indices("test")
+    if not test:
+        raise SystemExit(f"error: the test split of {run.path / 'ae.pt'} is empty")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    shape = (cfg.n_samples, *run.latents.shape[1:])
+    z_T, noise = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    samples = torch.cat([ddim_latent(run, z, None, cfg.steps, cfg.clip_z0).cpu()
+                         for z in tqdm(z_T.split(cfg.batch_size), desc="sample")])
+    groups = {"samples": samples, "test_scans": run.latents[test[:cfg.n_samples]], "noise": noise}
+    scores = {name: nearest_training_scan(run, z0, cfg.batch_size) for name, z0 in groups.items()}
+    out_dir = run.path / "eval" / "sample"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    volumes = [decode_latent(run, z0[None].to(run.device))[0, 0].cpu() for z0 in samples]
+    meta, files = scan_meta(run, run.rows[test[0]]), [f"sample{k}.nii.gz" for k in range(len(volumes))]
+    for volume, file in zip(volumes, files):  # in the first test scan's space: a viewer needs some scan's affine
+        data.save_like(volume, meta, out_dir / file)
+    montage(out_dir / "samples.png", [(v, "image") for v in volumes[:4]])
+    mean = lambda values: sum(values) / len(values)
+    return {"nearest_training_ssim": {name: mean(ssim) for name, (ssim, _) in scores.items()},
+            "nearest_training_distance": {name: mean(distance) for name, (_, distance) in scores.items()},
+            "per_sample": {name: {"ssim": ssim, "distance": distance} for name, (ssim, distance) in scores.items()},
+            "steps": cfg.steps, "n_samples": cfg.n_samples, "clip_z0": cfg.clip_z0 or None, "files": files,
+            "png": "samples.png",
+            "files_in_space_of": {"subject": run.rows[test[0]]["subject"], "session": run.rows[test[0]]["session"]},
+            "note": "SSIM of each decoded latent to the AE decoding of its nearest training latent (L2, scaled "
+                    "latent space); test_scans: real held-out scans, noise: z0 ~ N(0, I) decoded directly (the average "
+                    "brain plus noise)"}
+
+
+@torch.no_grad()
+def nearest_training_scan(run, z0, batch_size):
+    """(SSIM, L2 distance) per scaled latent of z0 (N, *latent_shape) to its nearest training latent: the SSIM
+    between the AE decodings of the two."""
+    train = run.indices("train")
+    distance, nearest = torch.cdist(z0.flatten(1).float(), run.latents[train].flatten(1).float()).min(1)
+    ssim = []
+    for chunk in batches(list(range(len(z0))), batch_size):
+        x = decode_latent(run, z0[chunk].to(run.device))
+        x_train = decode_latent(run, run.latents[[train[j] for j in nearest[chunk].tolist()]].to(run.device))
+        ssim += ldae.ssim3d(x, x_train).tolist()
+    return ssim, distance.tolist()
 
 
 # ---- manipulation along the AD direction (METHOD 6)
@@ -646,7 +797,7 @@ def task_manipulate(run, cfg):
     p_ad = lambda y: float(predict_logistic(standardize(y_train, y.double().cpu())[1], probe.w, probe.b)[0])
     out_dir = run.path / "eval" / "manipulate"
     out_dir.mkdir(parents=True, exist_ok=True)
-    scans = []
+    scans, monotonic = [], []
     for i in tqdm(run.indices("test")[:cfg.n_scans], desc="manipulate"):
         row, meta = run.rows[i], scan_meta(run, run.rows[i])
         name, labels = scan_name(row), load_labels(row, meta["shape"])
@@ -656,6 +807,8 @@ def task_manipulate(run, cfg):
         recon = ddim_decode(run, z_T, y, cfg.steps, cfg.clip_z0)
         data.save_like(recon[0, 0], meta, out_dir / f"{name}_reconstruction.nii.gz")
         rows_png = [(x[0, 0], "image"), (recon[0, 0], "image")]
+        p_ad_recon = p_ad(semantic_of(run, recon))
+        p_ad_by_alpha = {0.0: p_ad_recon}  # the unedited reconstruction is a = 0
         for a in alphas:
             y_edit = y + a * step.float().to(run.device)
             edited = ddim_decode(run, z_T, y_edit, cfg.steps, cfg.clip_z0)
@@ -666,14 +819,22 @@ def task_manipulate(run, cfg):
             rows_png += [(edited[0, 0], "image"), (diff[0, 0], "difference")]
             entry = {"subject": row["subject"], "session": row["session"], "diagnosis": row["diagnosis"], "alpha": a,
                      "mean_abs_difference": float(diff.abs().mean()), "p_ad_input": p_ad(y),
-                     "p_ad_edited_y": p_ad(y_edit), "p_ad_of_edited_image": p_ad(semantic_of(run, edited)),
+                     "p_ad_of_reconstruction": p_ad_recon, "p_ad_edited_y": p_ad(y_edit),
+                     "p_ad_of_edited_image": p_ad(semantic_of(run, edited)),
                      "files": [f"{tag}.nii.gz", f"{tag}_difference.nii.gz"]}
             if labels is not None:
                 native_diff = np.asanyarray(nib.load(str(out_dir / f"{tag}_difference.nii.gz")).dataobj)
                 entry |= concentration(native_diff, labels)
             scans.append(entry)
+            p_ad_by_alpha[a] = entry["p_ad_of_edited_image"]
         montage(out_dir / f"{name}.png", rows_png)
-    summary = {}
+        p_sorted = [p for _, p in sorted(p_ad_by_alpha.items())]
+        monotonic.append(all(p < q for p, q in zip(p_sorted, p_sorted[1:])))
+    summary = {"monotonic_fraction": sum(monotonic) / len(monotonic)}
+    shares = [s["ventricles"]["difference_share"] + s["hippocampus"]["difference_share"] for s in scans
+              if "ventricles" in s]
+    if shares:
+        summary["ventricles_plus_hippocampus_share"] = sum(shares) / len(shares)
     for region in ("ventricles", "hippocampus"):
         values = [s[region]["enrichment"] for s in scans if region in s and s[region]["enrichment"] is not None]
         if values:
@@ -858,9 +1019,9 @@ def task_throughput(run, cfg):
     def ldae_reconstruct(s):
         with run.amp:
             y = run.encoder(x)
-            z0 = run.ae.encode(x)[0] * run.latent_scale
+            z0 = ldae.scale_latent(run.ae.encode(x)[0], run.latent_mean, run.latent_scale)
             z0 = diffusion.ddim_sample(run.unet, diffusion.ddim_encode(run.unet, z0, y, s), y, s)
-            return run.ae.decode(z0 / run.latent_scale)
+            return run.ae.decode(ldae.unscale_latent(z0, run.latent_mean, run.latent_scale))
 
     @torch.no_grad()
     def dae_reconstruct(s):

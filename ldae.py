@@ -241,7 +241,7 @@ class UNet(nn.Module):
     forward(z_t, t, y_sem) -> (eps_theta, G_psi), both from one pass through the shared down path."""
 
     def __init__(self, channels=3, base=256, mults=(1, 2, 3), blocks=2, attention=(2, 4), heads=1,
-                 dropout=0.1, y_dim=768):
+                 dropout=0.1, y_dim=768, latent_size=None):
         super().__init__()
         self.base, emb = base, 4 * base
         self.time_embed = nn.Sequential(nn.Linear(base, emb), nn.SiLU(), nn.Linear(emb, emb))
@@ -262,10 +262,24 @@ class UNet(nn.Module):
         self.eps_path = UpPath(*sizes, cond_dims=(emb,), skips=skips)
         self.y_embed = nn.Linear(y_dim, emb)
         self.estimator = UpPath(*sizes, cond_dims=(emb, emb), skips=skips)  # head zero-initialised: G = 0
+        # The spatial route from y_sem (not in METHOD 4; README, "Stage 2b"): G += W (y_sem * (1 + gate(t))), a linear
+        # map from y_sem to a latent-shaped tensor, each code dimension scaled by a learned function of the
+        # timestep. Through AdaGN alone (one scale and shift per channel, spatially uniform) the estimator left
+        # even an oracle code unused; this path uses it at once. W starts at zero, so G = 0 at the start still.
+        self.latent_size = latent_size
+        if latent_size is not None:
+            self.y_latent = nn.Linear(y_dim, channels * math.prod(latent_size))
+            nn.init.zeros_(self.y_latent.weight)
+            nn.init.zeros_(self.y_latent.bias)
+            self.y_gate = zero_init(nn.Linear(emb, y_dim))
         self.eps_frozen = False
 
     def eps_theta_modules(self):
         return [self.time_embed, self.input, self.down, self.eps_path]
+
+    def estimator_modules(self):
+        extra = [self.y_latent, self.y_gate] if self.latent_size is not None else []
+        return [self.y_embed, self.estimator] + extra
 
     def freeze_eps_theta(self):
         """Stage 2b: the pre-trained eps_theta is fixed; only y_embed and the estimator train."""
@@ -291,7 +305,10 @@ class UNet(nn.Module):
         eps = self.eps_path(h, skips, (temb,))
         if y_sem is None:
             return eps, None
-        return eps, self.estimator(h, skips, (temb, self.y_embed(y_sem)))
+        g = self.estimator(h, skips, (temb, self.y_embed(y_sem)))
+        if self.latent_size is not None:
+            g = g + self.y_latent(y_sem * (1 + self.y_gate(temb))).reshape(z.shape[0], -1, *self.latent_size)
+        return eps, g
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -304,9 +321,10 @@ def position_encoding(n, dim, device):
 
 
 class SliceCNN(nn.Module):
-    """Small 2D CNN shared by every axial slice: strided stages of conv-GN-SiLU, global average pool."""
+    """Small 2D CNN shared by every axial slice: strided stages of conv-GN-SiLU, then a linear head over the
+    global average pool, or, given slice_shape (D, H), over the flattened map, which keeps where a feature is."""
 
-    def __init__(self, widths, out_dim):
+    def __init__(self, widths, out_dim, slice_shape=None):
         super().__init__()
         layers, ch = [], 1
         for w in widths:
@@ -314,23 +332,31 @@ class SliceCNN(nn.Module):
                        nn.Conv2d(w, w, 3, padding=1), nn.GroupNorm(math.gcd(32, w), w), nn.SiLU()]
             ch = w
         self.net = nn.Sequential(*layers)
+        self.flatten = slice_shape is not None
+        if self.flatten:
+            ch *= math.prod(-(-s // 2 ** len(widths)) for s in slice_shape)  # each stride-2 conv: ceil(s / 2)
         self.proj = nn.Linear(ch, out_dim)
 
     def forward(self, x):  # (N, 1, D, H) -> (N, out_dim)
-        return self.proj(self.net(x).mean(dim=(2, 3)))
+        h = self.net(x)
+        return self.proj(h.flatten(1) if self.flatten else h.mean(dim=(2, 3)))
 
 
 class SemanticEncoder(nn.Module):
     """Image (B, 1, D, H, W) -> y_sem (B, y_dim). Slices are taken along the last (superior) axis."""
 
-    def __init__(self, y_dim=768, widths=(32, 64, 128, 256), heads=8, dropout=0.1):
+    def __init__(self, y_dim=768, widths=(32, 64, 128, 256), heads=8, dropout=0.1, slice_shape=None):
         super().__init__()
         self.heads = heads
-        self.slice_cnn = SliceCNN(widths, y_dim)
+        self.slice_cnn = SliceCNN(widths, y_dim, slice_shape)
         self.dropout = nn.Dropout(dropout)
         self.pool_score = nn.Linear(y_dim, 1)
         self.q, self.k, self.v, self.out = (nn.Linear(y_dim, y_dim) for _ in range(4))
         self.norm = nn.LayerNorm(y_dim)
+        # Not in METHOD 4: y_sem standardised over the batch (running statistics at inference). A code with a
+        # constant part lets a linear map in the estimator use it as a bias, and then training shrinks what
+        # varies (README, "Stage 2b"); without a mean, y_sem is only worth anything by differing between scans.
+        self.standardise = nn.BatchNorm1d(y_dim, affine=False)
 
     def forward(self, x):
         B, _, D, H, W = x.shape
@@ -342,7 +368,7 @@ class SemanticEncoder(nn.Module):
         split = lambda u: u.reshape(B, u.shape[1], self.heads, -1).transpose(1, 2)  # (B, heads, n, d)
         h = F.scaled_dot_product_attention(split(self.q(pooled)), split(self.k(tokens)), split(self.v(tokens)))
         h = self.out(h.transpose(1, 2).reshape(B, 1, -1))
-        return self.norm(pooled + h).squeeze(1)
+        return self.standardise(self.norm(pooled + h).squeeze(1))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -351,6 +377,18 @@ class SemanticEncoder(nn.Module):
 #   abar        = prod_{i<=t} alpha_i              abar_prev  = abar_{t-1}, with abar_{-1} = 1
 #   snr         = abar / (1 - abar)                w          = snr^0.1 / (1 + snr)        stage-2b loss weight
 #   k           = -sqrt(alpha) (1 - abar_prev) / sqrt(1 - abar)                              stage-2b guidance
+
+
+def scale_latent(mean, latent_mean, latent_scale):
+    """Autoencoder latent -> the DDPM's z0 = s (mean - latent_mean). METHOD 0 has z0 = s E(x) with s = 1 / std;
+    we also subtract the training latents' average: it is most of the cpu demo's latent (mean |average| 0.61,
+    std around it 0.43 of 1.0), which the DDPM would otherwise have to learn as well."""
+    return (mean - latent_mean.to(mean.device)) * latent_scale
+
+
+def unscale_latent(z0, latent_mean, latent_scale):
+    """The DDPM's z0 -> autoencoder latent, for the decoder."""
+    return z0 / latent_scale + latent_mean.to(z0.device)
 
 
 def ddim_timesteps(steps, T=1000):
@@ -391,10 +429,14 @@ class Diffusion:
 
     def repr_loss(self, unet, y_sem, z0):
         """Stage 2b: mean(w_t (eps - eps_theta - k_t G_psi)^2) with eps_theta frozen (METHOD 4); y_sem = Enc(x)."""
+        return self.repr_loss_per_scan(unet, y_sem, z0).mean()
+
+    def repr_loss_per_scan(self, unet, y_sem, z0):
+        """Stage 2b's loss of each scan (B,): one draw of (t, eps) per scan, averaged over its latent elements."""
         t, eps, z_t = self.noised(z0)
         eps_theta, g = unet(z_t, t, y_sem)
         eps_hat = eps_theta.float() + self.at(self.k, t, z0) * g.float()
-        return (self.at(self.w, t, z0) * (eps - eps_hat) ** 2).mean()
+        return (self.at(self.w, t, z0) * (eps - eps_hat) ** 2).flatten(1).mean(1)
 
     def ddim_step(self, unet, z, t, t_next, y_sem=None, clip_z0=None):
         """One deterministic DDIM move of z from timestep t to t_next (either direction; t_next = -1 is the
@@ -440,6 +482,17 @@ def slerp(a, b, alpha):
     out = torch.where(theta > 1e-4, (torch.sin((1 - alpha) * theta) * fa + torch.sin(alpha * theta) * fb) / sin,
                       lerp(fa, fb, alpha))
     return out.to(a.dtype).reshape(a.shape)
+
+
+def spread_of(y_sem):
+    """Has y_sem collapsed? Over scans (N, y_dim): spread = mean per-dimension std across scans, magnitude =
+    mean |y_sem|, effective rank = exp(entropy of the covariance's normalised eigenvalues), 1 for a code that
+    varies along one direction only (Roy and Vetterli 2007)."""
+    y = y_sem.double()
+    eig = torch.linalg.eigvalsh(torch.cov(y.T)).clamp_min(0)
+    p = eig / eig.sum().clamp_min(1e-300)
+    rank = math.exp(-(p * p.clamp_min(1e-300).log()).sum().item())
+    return {"spread": y.std(0).mean().item(), "magnitude": y.abs().mean().item(), "effective_rank": rank}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -502,6 +555,9 @@ class Preset:
     y_dim: int
     encoder_widths: tuple
     encoder_heads: int
+    encoder_flatten: bool  # slice head over the flattened map (keeps position) instead of the average pool
+    stage1: dict  # train_ae.py's schedule: defaults of its flags
+    stage2: dict  # train_ldae.py's schedule
 
     @property
     def latent_shape(self):
@@ -516,25 +572,36 @@ class Preset:
 
     def unet(self):
         return UNet(self.latent_channels, self.unet_base, self.unet_mults, self.unet_blocks, self.unet_attention,
-                    self.unet_heads, self.dropout, self.y_dim)
+                    self.unet_heads, self.dropout, self.y_dim, self.latent_shape[1:])
 
     def encoder(self):
-        return SemanticEncoder(self.y_dim, self.encoder_widths, self.encoder_heads, self.dropout)
+        return SemanticEncoder(self.y_dim, self.encoder_widths, self.encoder_heads, self.dropout,
+                               self.image_shape[:2] if self.encoder_flatten else None)
 
+
+# Schedules. The paper's values are METHOD 2-4's (2a's batch of 128 as 16 x 8 accumulated, to fit a GPU; METHOD
+# gives no stage-2b length: 100 epochs is ours). The cpu schedule was measured on the demo cohort (README).
+PAPER_STAGE1 = dict(epochs=100, lr=5e-5, lr_d=1e-4, batch_size=1, accumulate=4, adv_start=5.0)
+PAPER_STAGE2 = dict(pretrain_epochs=500, repr_epochs=100, batch_size=16, accumulate=8, repr_batch_size=4,
+                    repr_accumulate=4, lr=2.5e-5, repr_lr=2.5e-5, ema=0.999)
+CPU_STAGE1 = dict(epochs=4, lr=1e-3, lr_d=1e-4, batch_size=1, accumulate=1, adv_start=5.0)
+CPU_STAGE2 = dict(pretrain_epochs=40, repr_epochs=32, batch_size=16, accumulate=1, repr_batch_size=8,
+                  repr_accumulate=1, lr=5e-4, repr_lr=5e-4, ema=0.99)
 
 PRESETS = {
     "tiny": Preset(image_shape=(16, 20, 16), spacing=12.0, ae_channels=(8, 16), ae_blocks=1, latent_channels=3,
                    disc_channels=8, disc_layers=1, unet_base=16, unet_mults=(1, 2), unet_blocks=1,
                    unet_attention=(2,), unet_heads=1, dropout=0.0, y_dim=16, encoder_widths=(8, 16),
-                   encoder_heads=2),
-    "cpu": Preset(image_shape=(48, 64, 48), spacing=3.5, ae_channels=(16, 32, 64), ae_blocks=1, latent_channels=8,
+                   encoder_heads=2, encoder_flatten=True, stage1=CPU_STAGE1, stage2=CPU_STAGE2),
+    "cpu": Preset(image_shape=(48, 64, 48), spacing=3.5, ae_channels=(16, 32, 64), ae_blocks=1, latent_channels=2,
                   disc_channels=16, disc_layers=3, unet_base=32, unet_mults=(1, 2, 2), unet_blocks=1,
                   unet_attention=(4,), unet_heads=1, dropout=0.0, y_dim=128, encoder_widths=(16, 32, 64, 128),
-                  encoder_heads=8),
+                  encoder_heads=8, encoder_flatten=True, stage1=CPU_STAGE1, stage2=CPU_STAGE2),
     "paper": Preset(image_shape=(128, 160, 128), spacing=1.5, ae_channels=(64, 128, 128, 128), ae_blocks=2,
                     latent_channels=3, disc_channels=64, disc_layers=3, unet_base=256, unet_mults=(1, 2, 3),
                     unet_blocks=2, unet_attention=(2, 4), unet_heads=1, dropout=0.1, y_dim=768,
-                    encoder_widths=(64, 128, 256, 512), encoder_heads=8),
+                    encoder_widths=(64, 128, 256, 512), encoder_heads=8, encoder_flatten=False,
+                    stage1=PAPER_STAGE1, stage2=PAPER_STAGE2),
 }
 
 
@@ -552,9 +619,21 @@ def parse_config(config_class, argv=None):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool or isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
+        else:  # a default of None: the preset's schedule decides (with_schedule)
+            parser.add_argument(flag, type=f.type if f.default is None else type(f.default), default=f.default)
     return config_class(**vars(parser.parse_args(argv)))
+
+
+def with_schedule(cfg, schedule):
+    """cfg with every field left at None (no flag given) taken from the preset's schedule."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, **{k: v for k, v in schedule.items() if getattr(cfg, k) is None})
+
+
+def default_preset():
+    """Without --preset: the paper's model on a CUDA machine, the cpu demo's elsewhere."""
+    return "paper" if torch.cuda.is_available() else "cpu"
 
 
 def setup_process():

@@ -11,7 +11,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # huge pages: large 3D activations without page-fault storms
@@ -30,18 +30,19 @@ class Config:
     """Train the LDAE autoencoder (stage 1)."""
     data: str = ""  # folder with participants.csv or a BIDS layout; empty: the built-in demo cohort
     csv: str = ""  # a table elsewhere than DATA/participants.csv
-    preset: str = "cpu"
+    preset: str = ""  # tiny | cpu | paper; empty: paper on a CUDA machine, cpu elsewhere
     out: str = "runs"
-    epochs: int = 4  # the cpu demo's budget; the paper trains 100
+    # None: the preset's schedule (ldae.PRESETS; cpu: 4 epochs at lr 1e-3, paper: METHOD 2's 100 at 5e-5)
+    epochs: int = None
     steps: int = 0  # optimiser steps; 0: from epochs
-    batch_size: int = 1
-    accumulate: int = 1  # micro-batches per optimiser step
-    lr: float = 1e-3  # peak; METHOD 2 uses 5e-5 to fine-tune a pretrained model, from scratch needs more
-    lr_d: float = 1e-4
+    batch_size: int = None
+    accumulate: int = None  # micro-batches per optimiser step
+    lr: float = None  # peak; METHOD 2 uses 5e-5 to fine-tune a pretrained model, from scratch needs more
+    lr_d: float = None
     kl_weight: float = 1e-7
     ssim_weight: float = 1.0
     adv_weight: float = 0.025
-    adv_start: float = 5.0  # epochs before the adversarial term switches on; the 4-epoch demo ends first
+    adv_start: float = None  # epochs before the adversarial term switches on; the 4-epoch cpu demo ends first
     clip: float = 1.0
     amp: str = "auto"  # auto | bf16 | fp16 | off
     checkpointing: bool = False  # recompute activations in backward (paper preset in < 24 GB)
@@ -71,6 +72,7 @@ def main(cfg):
     rank, world, device = ldae.setup_process()
     run = Path(cfg.out)
     ckpt_path = run / "ae.pt"
+    cfg = replace(cfg, preset=cfg.preset or ldae.default_preset())
     if cfg.preset not in ldae.PRESETS:
         raise SystemExit(f"--preset {cfg.preset!r}: choose one of {', '.join(ldae.PRESETS)}")
     state = None
@@ -80,7 +82,11 @@ def main(cfg):
         cfg = Config(**{**state["config"], "resume": True, "steps": cfg.steps or state["config"]["steps"]})
     elif ckpt_path.exists() and not cfg.resume:
         raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or --out NEW_FOLDER for a new run")
+    else:
+        cfg = ldae.with_schedule(cfg, ldae.PRESETS[cfg.preset].stage1)
     if rank == 0:
+        print(f"preset {cfg.preset} with its schedule: {cfg.epochs} epochs, batch {cfg.batch_size} x {cfg.accumulate}, "
+              f"lr {cfg.lr:g}, adversarial term from epoch {cfg.adv_start:g} (flags override each)")
         print(json.dumps(asdict(cfg), indent=1))
     preset = ldae.PRESETS[cfg.preset]
 
@@ -192,8 +198,8 @@ def main(cfg):
     if rank == 0:
         print(f"trained {ldae.run_summary(step - first, time.time() - t0, device)}")
         ssim, mse = evaluate_ae(ae, images, val_idx, device) if val_idx else (float("nan"), float("nan"))
-        latent_scale = finish(ae, images, rows, train_idx, run, device)
-        checkpoint({"latent_scale": latent_scale, "val_ssim": ssim, "val_mse": mse})
+        latent_mean, latent_scale = finish(ae, images, rows, train_idx, run, device)
+        checkpoint({"latent_mean": latent_mean, "latent_scale": latent_scale, "val_ssim": ssim, "val_mse": mse})
         print(f"wrote {ckpt_path}: validation SSIM {ssim:.4f}, MSE {mse:.5f}, latent scale {latent_scale:.4f}")
     if world > 1:
         dist.barrier()
@@ -202,16 +208,18 @@ def main(cfg):
 
 @torch.no_grad()
 def finish(ae, images, rows, train_idx, run, device):
-    """Encode every scan once (the posterior mean: the cleaner choice, METHOD 1), set the latent scale
-    s = 1 / std of the training latents, and cache the scaled latents for stage 2."""
+    """Encode every scan once (the posterior mean: the cleaner choice, METHOD 1), measure the training latents'
+    mean (per element: the average brain) and the scale s = 1 / std around it, and cache every latent as
+    s * (mean - latent_mean) for stage 2. METHOD 2 only scales; centring as well leaves the DDPM the variation
+    between brains to learn, not the average brain (see ldae.scale_latent)."""
     ae.eval()
     layout = ldae.memory_format(device)
     means = torch.cat([ae.encode(torch.tensor(images[i][None]).to(device, memory_format=layout))[0].float().cpu()
                        .contiguous() for i in tqdm(range(len(rows)), desc="caching latents")])
-    latent_scale = 1.0 / means[train_idx].std().item()
-    data.save_latents(run / "latents.pt", means * latent_scale, ae.state_dict())
-    return latent_scale
-
+    latent_mean = means[train_idx].mean(0)
+    latent_scale = 1.0 / (means[train_idx] - latent_mean).std().item()
+    data.save_latents(run / "latents.pt", ldae.scale_latent(means, latent_mean, latent_scale), ae.state_dict())
+    return latent_mean, latent_scale
 
 if __name__ == "__main__":
     try:

@@ -17,6 +17,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # huge pages: large 3D activ
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
@@ -28,20 +29,24 @@ class Config:
     """Train the latent DDPM and the LDAE representation (stage 2)."""
     out: str = "runs"
     stage: str = "all"  # pretrain | repr | all
-    pretrain_epochs: int = 5  # the cpu demo's budget; the paper trains 500
-    repr_epochs: int = 4
+    # None: the preset's schedule (ldae.PRESETS), from the preset in ae.pt
+    pretrain_epochs: int = None  # stage 2a; the paper trains 500
+    repr_epochs: int = None  # stage 2b
     steps: int = 0  # optimiser steps for each stage run; 0: from the epochs
-    batch_size: int = 16  # stage 2a; stage 2b uses repr_batch_size
-    repr_batch_size: int = 8
-    accumulate: int = 1
-    lr: float = 5e-4  # peak; METHOD 3-4 use 2.5e-5 over 500 epochs on a GPU, short CPU budgets need more
-    ema: float = 0.99  # METHOD uses 0.999 over ~10^5 steps; a few hundred steps need a shorter memory
+    batch_size: int = None  # stage 2a
+    accumulate: int = None  # stage 2a micro-batches per optimiser step
+    repr_batch_size: int = None
+    repr_accumulate: int = None
+    lr: float = None  # stage 2a peak; METHOD 3-4 use 2.5e-5 over 500 epochs on a GPU, short CPU budgets need more
+    repr_lr: float = None  # stage 2b peak
+    ema: float = None  # METHOD uses 0.999 over ~10^5 steps; a few thousand steps need a shorter memory
     clip: float = 1.0
     amp: str = "auto"  # auto | bf16 | fp16 | off
     val_steps: int = 10  # DDIM steps of the validation reconstruction
     seed: int = 0
     save_every: int = 200
     resume: bool = False
+    oracle: bool = False  # diagnostic: stage 2b trains the estimator on an oracle code instead of the encoder
 
 
 def open_run(cfg):
@@ -51,7 +56,7 @@ def open_run(cfg):
         raise ldae.CheckpointError(f"{run / 'ae.pt'}: not found; train stage 1 first: `python train_ae.py --out "
                                    f"{cfg.out}` (add --resume if it was interrupted)")
     ae_state = ldae.load_checkpoint(run / "ae.pt")
-    if "latent_scale" not in ae_state:
+    if "latent_mean" not in ae_state:  # unfinished, or finished before latents were centred: --resume finishes
         raise ldae.CheckpointError(f"{run / 'ae.pt'}: stage 1 has not finished; run `python train_ae.py --out "
                                    f"{cfg.out} --resume` first")
     ae_cfg = ae_state["config"]
@@ -66,18 +71,27 @@ def main(cfg):
     rank, world, device = ldae.setup_process()
     run = Path(cfg.out)
     ckpt_path = run / "ldae.pt"
-    if rank == 0:
-        print(json.dumps(asdict(cfg), indent=1))
     if cfg.stage not in ("pretrain", "repr", "all"):
         raise SystemExit(f"--stage {cfg.stage!r}: choose pretrain, repr or all")
+    if cfg.repr_batch_size is not None and cfg.repr_batch_size < 2:
+        raise SystemExit(f"--repr-batch-size {cfg.repr_batch_size}: y_sem is standardised over the batch, which "
+                         f"needs 2 scans or more per process; use --repr-accumulate for a larger batch instead")
     if rank != 0:  # rank 0 (re)builds the image cache first: two writers would race on one temp file
         dist.barrier()
     ae_state, preset, rows, images, latents = open_run(cfg)
     if rank == 0 and world > 1:
         dist.barrier()
+    cfg = ldae.with_schedule(cfg, preset.stage2)
+    if rank == 0:
+        print(f"preset {ae_state['config']['preset']} (from {run / 'ae.pt'}) with its schedule: stage 2a "
+              f"{cfg.pretrain_epochs} epochs, batch {cfg.batch_size} x {cfg.accumulate}, lr {cfg.lr:g}; stage 2b "
+              f"{cfg.repr_epochs} epochs, batch {cfg.repr_batch_size} x {cfg.repr_accumulate}, lr {cfg.repr_lr:g}; "
+              f"EMA {cfg.ema} (flags override each)")
+        print(json.dumps(asdict(cfg), indent=1))
     split = ae_state["split"]
     train_idx = [i for i, r in enumerate(rows) if split.get(r["subject"]) == "train"]
-    val_idx = [i for i, r in enumerate(rows) if split.get(r["subject"]) == "val"][:8]
+    first_visits = {r["subject"]: i for i, r in reversed(list(enumerate(rows)))}
+    val_idx = sorted(i for s, i in first_visits.items() if split.get(s) == "val")[:8]  # one scan per subject
 
     state = None
     if cfg.resume and (ckpt_path.exists() or ckpt_path.with_suffix(".prev.pt").exists()):
@@ -123,35 +137,40 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
         if not resuming:  # start from the EMA weights of stage 2a (METHOD 3)
             unet.load_state_dict(state["unet_ema"])
         unet.freeze_eps_theta()
-        for module in (unet.y_embed, unet.estimator):  # stage 2a froze them when it ran in this process
+        for module in unet.estimator_modules():  # stage 2a froze them when it ran in this process
             module.requires_grad_(True)
         trainable = [p for p in unet.parameters() if p.requires_grad] + list(encoder.parameters())
-        batch_size, epochs = cfg.repr_batch_size, cfg.repr_epochs
+        batch_size, accumulate, epochs, lr = cfg.repr_batch_size, cfg.repr_accumulate, cfg.repr_epochs, cfg.repr_lr
     else:
-        for module in (unet.y_embed, unet.estimator):  # unused in 2a; DDP must not wait for their gradients
+        for module in unet.estimator_modules():  # unused in 2a; DDP must not wait for their gradients
             module.requires_grad_(False)
         trainable = [p for p in unet.parameters() if p.requires_grad]
-        batch_size, epochs = cfg.batch_size, cfg.pretrain_epochs
+        batch_size, accumulate, epochs, lr = cfg.batch_size, cfg.accumulate, cfg.pretrain_epochs, cfg.lr
     unet_ema, encoder_ema = copy.deepcopy(unet).eval(), copy.deepcopy(encoder).eval()
     decoder = preset.autoencoder().to(device).eval()  # for the validation reconstructions
     decoder.load_state_dict(ae_state["model"])
-    opt = torch.optim.Adam(trainable, lr=cfg.lr)
+    opt = torch.optim.Adam(trainable, lr=lr)
     amp_ctx, amp_dtype = ldae.autocast(device, cfg.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    step, best = 0, None  # best: step, SSIM and EMA weights of the best validation so far (stage 2b)
+    step, validation = 0, None  # stage 2b: the latest validation figures
     if resuming:
         unet_ema.load_state_dict(state["unet_ema"])
         encoder_ema.load_state_dict(state["encoder_ema"])
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        step, best = state["step"], state.get("best")
+        step, validation = state["step"], state.get("validation")
     wrap = lambda m: torch.nn.parallel.DistributedDataParallel(m) if world > 1 else m
     unet_run = wrap(unet)
     encoder_run = wrap(encoder) if stage == "repr" else encoder
-    per_step = batch_size * cfg.accumulate * world
+    per_step = batch_size * accumulate * world
     steps_per_epoch = max(1, len(train_idx) // per_step)
     total = cfg.steps or epochs * steps_per_epoch
-    latent_scale = ae_state["latent_scale"]
+    latent_mean, latent_scale = ae_state["latent_mean"], ae_state["latent_scale"]
+    if cfg.oracle:
+        oracle = oracle_code(latents, train_idx, preset.y_dim)
+        code = lambda ids, enc: oracle(latents[ids]).to(device)
+    else:
+        code = lambda ids, enc: enc(torch.tensor(images[ids]).to(device))
 
     def checkpoint(finished=False):
         if rank == 0:
@@ -159,7 +178,7 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
                 "stage": stage, "finished": finished,
                 "unet": unet.state_dict(), "unet_ema": unet_ema.state_dict(), "encoder": encoder.state_dict(),
                 "encoder_ema": encoder_ema.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "best_ssim": best["ssim"] if best else -1.0, "best": best, "config": asdict(cfg),
+                "step": step, "validation": validation, "config": asdict(cfg),
                 "preset": ae_state["config"]["preset"],
                 "latent_scale": latent_scale}, ckpt_path)
 
@@ -177,21 +196,21 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
         order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed + epoch))
         batch_ids = order[k * per_step:(k + 1) * per_step][rank::world].tolist()
         total_loss = 0.0
-        for micro in range(cfg.accumulate):
+        for micro in range(accumulate):
             ids = [train_idx[i] for i in batch_ids[micro * batch_size:(micro + 1) * batch_size]]
             z0 = latents[ids].to(device)
             with amp_ctx:
                 if stage == "pretrain":
                     loss = diffusion.pretrain_loss(unet_run, z0)
                 else:
-                    loss = diffusion.repr_loss(unet_run, encoder_run(torch.tensor(images[ids]).to(device)), z0)
+                    loss = diffusion.repr_loss(unet_run, code(ids, encoder_run), z0)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step} of {name}: the last good "
                                          f"checkpoint {ckpt_path} is kept; lower --lr or use --amp off")
-            scaler.scale(loss / cfg.accumulate).backward()
-            total_loss += loss.item() / cfg.accumulate
+            scaler.scale(loss / accumulate).backward()
+            total_loss += loss.item() / accumulate
         for group in opt.param_groups:
-            group["lr"] = ldae.learning_rate(cfg.lr, step, total)
+            group["lr"] = ldae.learning_rate(lr, step, total)
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(trainable, cfg.clip)
         scaler.step(opt)
@@ -203,15 +222,27 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
         running = total_loss if running is None else 0.95 * running + 0.05 * total_loss
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}")
+        if stage == "pretrain" and step % steps_per_epoch == 0 and rank == 0 and val_idx:
+            torch.manual_seed(0)
+            with torch.no_grad():
+                z0 = latents[val_idx].to(device)
+                loss = sum(diffusion.pretrain_loss(unet_ema, z0).item() for _ in range(16)) / 16
+            bar.write(f"epoch {step // steps_per_epoch}: validation loss {loss:.5f}")
         if stage == "repr" and step % steps_per_epoch == 0 and rank == 0 and val_idx:
-            loss, ssim = validate(diffusion, unet_ema, encoder_ema, decoder, latent_scale, images, latents,
-                                  val_idx, cfg, device)
-            if best is None or loss < best["loss"]:
-                copy_of = lambda m: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
-                best = {"step": step, "loss": loss, "ssim": ssim, "unet_ema": copy_of(unet_ema),
-                        "encoder_ema": copy_of(encoder_ema)}
-            bar.write(f"epoch {step // steps_per_epoch}: validation loss {loss:.5f}, reconstruction SSIM "
-                      f"({cfg.val_steps} DDIM steps) {ssim:.4f}")
+            if not cfg.oracle:
+                refresh_standardisation(encoder_ema, images, train_idx, batch_size, device)
+            with torch.no_grad():
+                y_sem = code(val_idx, encoder_ema)
+            loss, other, ssim = validate(diffusion, unet_ema, y_sem, decoder, (latent_mean, latent_scale), images,
+                                         latents, val_idx, cfg, device)
+            validation = {"step": step, "loss": loss, "other_subject_loss": other, "ssim": ssim}
+            spread = ""  # a spread needs two scans
+            if len(val_idx) > 1:
+                spread = ("y_sem spread {spread:.4f} of magnitude {magnitude:.4f}, effective rank "
+                          "{effective_rank:.2f}; ".format(**ldae.spread_of(y_sem)))
+            bar.write(f"epoch {step // steps_per_epoch}: validation loss {loss:.5f} (another subject's y_sem: "
+                      f"{other:.5f}, {1 - loss / other:+.1%}), {spread}reconstruction SSIM ({cfg.val_steps} DDIM "
+                      f"steps) {ssim:.4f}")
         if step % cfg.save_every == 0:
             checkpoint()
     bar.close()
@@ -219,12 +250,8 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
         checkpoint()
         print(f"{stop[0]}: saved {ckpt_path} at step {step} of {name}; continue with --resume")
         return None
-    if best is not None and best["step"] != step:  # keep the best validation checkpoint (METHOD 4, see validate)
-        unet_ema.load_state_dict(best["unet_ema"])
-        encoder_ema.load_state_dict(best["encoder_ema"])
-        if rank == 0:
-            print(f"{name}: keeping the EMA weights of step {best['step']} (validation loss {best['loss']:.5f}, "
-                  f"SSIM {best['ssim']:.4f}), the best of the run")
+    if stage == "repr" and not cfg.oracle:  # the last EMA weights are kept, with statistics that fit them
+        refresh_standardisation(encoder_ema, images, train_idx, batch_size, device)
     checkpoint(finished=True)
     if rank == 0:
         print(f"{name}: {ldae.run_summary(step - first, time.time() - t0, device)}; wrote {ckpt_path}")
@@ -232,20 +259,51 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
 
 
 @torch.no_grad()
-def validate(diffusion, unet, encoder, ae, latent_scale, images, latents, indices, cfg, device):
-    """(loss, SSIM) on the validation scans. The loss is stage 2b's own objective with the same timesteps and
-    noise at every call (4 draws per scan), so calls compare like for like; it picks the checkpoint to keep.
+def refresh_standardisation(encoder, images, indices, batch_size, device, scans=128):
+    """Recompute the running mean and variance of the encoder's output standardisation for these (EMA) weights
+    over `scans` training scans. update_ema copies the live model's statistics, which do not fit the averaged
+    weights: y_sem came out 1.1-1.6 in magnitude instead of ~0.8 and the validation loss rose."""
+    norm = encoder.standardise
+    norm.reset_running_stats()
+    norm.momentum, norm.training = None, True  # a plain average over the batches below
+    for start in range(0, min(scans, len(indices)), batch_size):
+        encoder(torch.tensor(images[indices[start:start + batch_size]]).to(device))
+    norm.momentum, norm.training = 0.1, False
+
+
+def oracle_code(latents, train_idx, dim):
+    """The diagnostic code of --oracle: latent -> its first `dim` principal components over the training latents,
+    z-scored. It knows the scan as well as a linear code of that size can: an estimator that does not use it
+    cannot use an encoder's y_sem either."""
+    flat = latents[train_idx].flatten(1).double()
+    mean = flat.mean(0)
+    _, _, v = torch.linalg.svd(flat - mean, full_matrices=False)
+    components = v[:min(dim, len(train_idx) - 1)]  # (k, latent elements); N scans span N - 1 directions
+    std = ((flat - mean) @ components.T).std(0)
+    pad = dim - len(components)  # code dimensions with nothing to say, when there are too few scans
+    return lambda z0: F.pad(((z0.flatten(1).double() - mean) @ components.T) / std, (0, pad)).float()
+
+
+@torch.no_grad()
+def validate(diffusion, unet, y_sem, ae, latent_stats, images, latents, indices, cfg, device):
+    """(loss, loss with another subject's y_sem, SSIM) on the validation scans, one per subject. The loss is
+    stage 2b's own objective with the same timesteps and noise at every call (4 draws per scan), so calls compare
+    like for like. The second loss rolls y_sem by one scan: the gap between the two is what the estimator takes
+    from y_sem. Nothing is picked by these figures: the run keeps its last EMA weights. Picking the lowest loss
+    kept the second of 8 epochs on the demo (own loss flat within noise while the gap grew from 1% to 4%), and
+    METHOD 4's best SSIM measures the autoencoder and the inversion more than y_sem.
     METHOD 4 picks by reconstruction SSIM, but with DDIM-encoded z_T that is bounded by the autoencoder and
     hardly moves with y_sem (0.825 vs 0.827 with the estimator off, 50 steps), while a few steps mostly measure
     inversion error, which grows as the estimator learns (0.614 vs 0.639 at 10 steps). The SSIM (x against
     its reconstruction from y_sem and the DDIM-encoded z_T, cfg.val_steps steps) is printed as the figure."""
     x, z0 = torch.tensor(images[indices]).to(device), latents[indices].to(device)
-    y_sem = encoder(x)
-    torch.manual_seed(0)  # training reseeds every step (step_seed)
-    loss = sum(diffusion.repr_loss(unet, y_sem, z0).item() for _ in range(4)) / 4
+    losses = []
+    for y in (y_sem, y_sem.roll(1, 0)):
+        torch.manual_seed(0)  # training reseeds every step (step_seed)
+        losses.append(sum(diffusion.repr_loss(unet, y, z0).item() for _ in range(4)) / 4)
     z_T = diffusion.ddim_encode(unet, z0, y_sem, cfg.val_steps)
-    x_hat = ae.decode(diffusion.ddim_sample(unet, z_T, y_sem, cfg.val_steps) / latent_scale)
-    return loss, ldae.ssim3d(x_hat, x).mean().item()
+    x_hat = ae.decode(ldae.unscale_latent(diffusion.ddim_sample(unet, z_T, y_sem, cfg.val_steps), *latent_stats))
+    return *losses, ldae.ssim3d(x_hat, x).mean().item()
 
 
 if __name__ == "__main__":

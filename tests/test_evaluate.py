@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import ldae  # noqa: E402
 from conftest import load, run_script  # noqa: E402
-from evaluate import Config, main, stage2b_loss_by_y_sem, write_png  # noqa: E402
+from evaluate import (Config, main, open_run, other_subject_partner, perfect_code_bound,  # noqa: E402
+                      stage2b_loss_by_y_sem, untrained_encoder, write_png)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the in-process calls: one thread, like the subprocesses
 
@@ -96,18 +97,34 @@ def test_ad_probe_refuses_a_test_split_without_ad(run, tmp_path):
         main(Config(task="ad", out=str(moved)))
 
 
-def test_ad_probe_scores_ldae_and_both_baselines(run):
+def test_ad_probe_scores_ldae_and_every_baseline(run):
     result = evaluate(run, "ad")
     assert result["n_train"] > 0 and result["n_test"] > 0 and result["positive_class"] == "AD"
-    for name in ("ldae", "baseline_pca", "baseline_latent"):
+    for name in ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_latent"):
         m = result[name]
         for key in ("accuracy", "precision", "recall", "f1", "roc_auc"):
             assert 0.0 <= m[key] <= 1.0, (name, key, m[key])
+    spread = result["y_sem_spread"]
+    assert spread["spread"] > 0 and spread["magnitude"] > 0 and spread["effective_rank"] >= 1
+
+
+def test_untrained_encoder_is_the_random_start_of_stage_2b(run):
+    """A few training steps move the encoder's weights by far less than another random start would."""
+    loaded = open_run(Config(out=str(run)))
+    weights = lambda encoder: dict(encoder.named_parameters())  # not the standardisation's running statistics
+    start = weights(untrained_encoder(loaded))
+    trained = weights(loaded.encoder)
+    moved = max((trained[k].float() - v.float()).abs().max().item() for k, v in start.items())
+    torch.manual_seed(loaded.ldae_config["seed"] + 1)
+    loaded.preset.unet()
+    other = weights(loaded.preset.encoder())
+    other_start = max((other[k].float() - v.float()).abs().max().item() for k, v in start.items())
+    assert moved < 0.02 < other_start, (moved, other_start)
 
 
 def test_age_probe_reports_finite_errors_in_years(run):
     result = evaluate(run, "age")
-    for name in ("ldae", "baseline_pca", "baseline_latent", "baseline_mean_age"):
+    for name in ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_latent", "baseline_mean_age"):
         m = result[name]
         assert math.isfinite(m["mae"]) and m["mae"] > 0 and m["rmse"] >= m["mae"]
     state = load(run / "ae.pt")
@@ -122,7 +139,7 @@ def test_age_probe_cross_validates_every_method_by_subject(run):
     result = evaluate(run, "age", "--folds", "2")
     cv = result["cross_validation"]
     assert cv["folds"] == 2
-    for name in ("ldae", "baseline_pca", "baseline_latent", "baseline_mean_age"):
+    for name in ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_latent", "baseline_mean_age"):
         per_fold = cv["per_fold_mae"][name]
         assert len(per_fold) == 2 and all(math.isfinite(m) and m > 0 for m in per_fold)
         assert cv[name]["mae"] == pytest.approx(sum(per_fold) / 2)
@@ -143,14 +160,24 @@ def test_subject_folds_keep_subjects_whole_and_spread_each_diagnosis():
 
 
 def test_reconstruct_scores_autoencoder_and_ldae_per_step_count(run):
-    result = evaluate(run, "reconstruct", "--steps-list", "2,3", "--max-scans", 2)
+    state = load(run / "ae.pt")
+    n_test = sum(state["split"][r["subject"]] == "test" for r in data.read_table(state["data_dir"]))
+    result = evaluate(run, "reconstruct", "--steps-list", "2,3")
     for name in ("autoencoder", "ldae_S2", "ldae_S3", "ldae_random_zT"):
         m = result[name]
         assert -1 < m["ssim"] <= 1 and -1 < m["ssim_brain"] <= 1, (name, m)
-        assert m["mse"] >= 0 and m["n"] == 2 and not math.isnan(m["psnr"])
+        assert m["mse"] >= 0 and m["n"] == n_test and not math.isnan(m["psnr"])
     losses = result["stage2b_loss"]
-    assert set(losses) == {"own_y_sem", "next_scan_y_sem", "zero_y_sem"}
-    assert all(0 < v < float("inf") for v in losses.values()), losses
+    for name in ("own_y_sem", "next_scan_y_sem", "zero_y_sem", "other_subject_y_sem", "perfect_code_bound"):
+        assert 0 < losses[name] < float("inf"), (name, losses)
+    assert 0 <= losses["own_below_other_subject_fraction"] <= 1
+    assert losses["mean_gap_other_minus_own"] == pytest.approx(losses["other_subject_y_sem"] - losses["own_y_sem"],
+                                                               abs=1e-6)
+    assert losses["gap_over_bound"] == pytest.approx(losses["mean_gap_other_minus_own"] / losses["perfect_code_bound"])
+    versus = result["random_zT_own_vs_other_subject"]
+    assert versus["ssim_own_mean"] == pytest.approx(result["ldae_random_zT"]["ssim"])
+    assert 0 <= versus["own_better_fraction"] <= 1 and -1 < versus["ssim_other_mean"] <= 1
+    assert set(result["y_sem_spread"]) == {"spread", "magnitude", "effective_rank"}
 
 
 def test_stage2b_loss_by_y_sem_tells_an_estimator_that_ignores_y_sem_from_one_that_uses_it():
@@ -159,14 +186,46 @@ def test_stage2b_loss_by_y_sem_tells_an_estimator_that_ignores_y_sem_from_one_th
     with torch.no_grad():
         y_sem = preset.encoder().eval()(torch.rand(4, 1, *preset.image_shape))
     z0 = torch.randn(4, *preset.latent_shape)
-    run = SimpleNamespace(device=torch.device("cpu"), unet=preset.unet().eval(), diffusion=ldae.Diffusion())
-    ignored = stage2b_loss_by_y_sem(run, z0, y_sem, seed=0)  # fresh estimator: zero head, G = 0
-    assert ignored["own_y_sem"] == ignored["next_scan_y_sem"] == ignored["zero_y_sem"]
-    for p in run.unet.estimator.parameters():  # give every zero-initialised layer weights
+    unet = preset.unet().eval()
+    for p in unet.parameters():  # give every zero-initialised layer weights, so G depends on y_sem
         if p.dim() > 1 and not p.any():
             torch.nn.init.normal_(p, std=0.1)
-    used = stage2b_loss_by_y_sem(run, z0, y_sem, seed=0)
-    assert len({used["own_y_sem"], used["next_scan_y_sem"], used["zero_y_sem"]}) == 3, used
+    partner = other_subject_partner(["a", "a", "b", "c"])
+    ignoring = SimpleNamespace(device=torch.device("cpu"), unet=lambda z, t, y: unet(z, t, torch.zeros_like(y)),
+                               diffusion=ldae.Diffusion())
+    ignored = stage2b_loss_by_y_sem(ignoring, z0, y_sem, seed=0, partner=partner)
+    assert ignored["own_y_sem"] == ignored["next_scan_y_sem"] == ignored["zero_y_sem"] == ignored[
+        "other_subject_y_sem"]
+    assert ignored["mean_gap_other_minus_own"] == 0 and ignored["own_below_other_subject_fraction"] == 0
+    using = SimpleNamespace(device=torch.device("cpu"), unet=unet, diffusion=ldae.Diffusion())
+    used = stage2b_loss_by_y_sem(using, z0, y_sem, seed=0, partner=partner)
+    names = ("own_y_sem", "next_scan_y_sem", "zero_y_sem", "other_subject_y_sem")
+    assert len({used[name] for name in names}) == 4, used
+    assert used["mean_gap_other_minus_own"] == pytest.approx(used["other_subject_y_sem"] - used["own_y_sem"])
+    assert "other_subject_y_sem" not in stage2b_loss_by_y_sem(using, z0, y_sem, seed=0)
+
+
+def test_other_subject_partner_never_pairs_two_scans_of_one_subject():
+    subjects = ["a", "a", "a", "b", "c", "c", "d", "a", "b"]
+    partner = other_subject_partner(subjects)
+    assert len(partner) == len(subjects)
+    assert all(subjects[q] != s for q, s in zip(partner, subjects))
+    assert partner == other_subject_partner(subjects)  # deterministic
+    pairs = {(s, subjects[q]) for s, q in zip(subjects, partner)}
+    assert sorted(t for _, t in pairs) == sorted(set(subjects))  # one partner subject each: a derangement
+    assert other_subject_partner(["a", "a", "a"]) is None
+
+
+def test_perfect_code_bound_matches_the_gaussian_saving_by_hand():
+    diffusion = ldae.Diffusion()
+    assert perfect_code_bound(torch.ones(5, 3, 2, 2, 2), diffusion) == 0.0  # identical latents: nothing to know
+    z = torch.tensor([[-1.0], [1.0]])  # one element, variance 2 (n - 1 = 1)
+    by_hand = sum(float(diffusion.w[t]) * 2 * float(diffusion.snr[t]) / (2 * float(diffusion.snr[t]) + 1)
+                  for t in range(diffusion.T)) / diffusion.T
+    assert perfect_code_bound(z, diffusion) == pytest.approx(by_hand, rel=1e-9)
+    assert perfect_code_bound(torch.cat([z, torch.zeros(2, 1)], 1), diffusion) == pytest.approx(by_hand / 2)
+    latents = torch.randn(6, 3, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    assert 0 < perfect_code_bound(latents, diffusion) < perfect_code_bound(3 * latents, diffusion) < 1
 
 
 def test_manipulate_writes_volumes_in_scan_space_and_a_montage(run):
@@ -179,6 +238,40 @@ def test_manipulate_writes_volumes_in_scan_space_and_a_montage(run):
             assert_nifti_like(folder / file, scan)
         assert 0 <= entry["ventricles"]["volume_share"] < 1 and 0 <= entry["hippocampus"]["difference_share"] <= 1
         assert (folder / f"{entry['subject']}_{entry['session']}.png").read_bytes().startswith(PNG_SIGNATURE)
+    summary = result["summary"]
+    p_ad = [result["scans"][0]["p_ad_of_edited_image"], result["scans"][0]["p_ad_of_reconstruction"],
+            result["scans"][1]["p_ad_of_edited_image"]]  # a = -2, 0, +2
+    assert summary["monotonic_fraction"] == float(p_ad[0] < p_ad[1] < p_ad[2])
+    shares = [e["ventricles"]["difference_share"] + e["hippocampus"]["difference_share"] for e in result["scans"]]
+    assert summary["ventricles_plus_hippocampus_share"] == pytest.approx(sum(shares) / 2)
+
+
+def test_sample_scores_samples_test_scans_and_noise_against_the_nearest_training_scan(run):
+    result = evaluate(run, "sample", "--steps", 2, "--n-samples", 3)
+    state = load(run / "ae.pt")
+    n_test = sum(state["split"][r["subject"]] == "test" for r in data.read_table(state["data_dir"]))
+    for group, n in (("samples", 3), ("test_scans", min(3, n_test)), ("noise", 3)):
+        per_sample = result["per_sample"][group]
+        assert len(per_sample["ssim"]) == len(per_sample["distance"]) == n
+        assert all(-1 < v <= 1 for v in per_sample["ssim"]) and all(d > 0 for d in per_sample["distance"])
+        assert result["nearest_training_ssim"][group] == pytest.approx(sum(per_sample["ssim"]) / n)
+        assert result["nearest_training_distance"][group] == pytest.approx(sum(per_sample["distance"]) / n)
+    folder = run / "eval" / "sample"
+    scan = input_scan(run, result["files_in_space_of"]["subject"], result["files_in_space_of"]["session"])
+    assert len(result["files"]) == 3
+    for file in result["files"]:
+        assert_nifti_like(folder / file, scan)
+    assert (folder / result["png"]).read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_evaluate_refuses_an_oracle_diagnostic_run(run, tmp_path):
+    oracle = tmp_path / "oracle"
+    shutil.copytree(run, oracle)
+    state = load(oracle / "ldae.pt")
+    state["config"]["oracle"] = True
+    torch.save(state, oracle / "ldae.pt")
+    with pytest.raises(SystemExit, match="--oracle diagnostic run"):
+        main(Config(task="age", out=str(oracle)))
 
 
 def test_interpolate_compares_ldae_with_both_baselines_per_gap(run):

@@ -90,9 +90,11 @@ def test_ddim_encode_then_decode_returns_input(guided):
 def test_estimator_starts_at_zero_so_eps_hat_equals_eps_theta():
     p = ldae.PRESETS["tiny"]
     unet = p.unet()
+    zero_at_start = {unet.estimator.head[-1].weight, unet.estimator.head[-1].bias, unet.y_latent.weight,
+                     unet.y_latent.bias}
     with torch.no_grad():
-        for q in unet.parameters():  # any eps_theta, but the estimator's head keeps its zero init
-            if q is not unet.estimator.head[-1].weight and q is not unet.estimator.head[-1].bias:
+        for q in unet.parameters():  # any eps_theta, but the estimator's output layers keep their zero init
+            if q not in zero_at_start:
                 q.add_(torch.randn_like(q) * 0.05)
     z, t = torch.randn(2, *p.latent_shape), torch.tensor([3, 700])
     eps, g = unet(z, t, torch.randn(2, p.y_dim))
@@ -106,7 +108,7 @@ def test_stage_2b_step_moves_only_the_estimator_and_encoder():
     unet.freeze_eps_theta()
     unet.train()
     assert not unet.down.training and unet.estimator.training
-    frozen = {k: v.clone() for k, v in unet.state_dict().items() if not k.startswith(("estimator", "y_embed"))}
+    frozen = {k: v.clone() for k, v in unet.state_dict().items() if not k.startswith(("estimator", "y_"))}
     trainable = [q for q in unet.parameters() if q.requires_grad] + list(enc.parameters())
     head_before = unet.estimator.head[-1].weight.clone()
     opt = torch.optim.Adam(trainable, lr=1e-3)
@@ -118,13 +120,37 @@ def test_stage_2b_step_moves_only_the_estimator_and_encoder():
     assert not torch.equal(head_before, unet.estimator.head[-1].weight)
 
 
+def test_estimator_learns_to_use_which_code_it_is_given():
+    """Eight random latents, each with its own code: after a few stage-2b steps the loss with each latent's own
+    code must be well below the loss with every code moved to the next latent. Fails if G ignores y_sem."""
+    torch.manual_seed(0)
+    p, d = ldae.PRESETS["tiny"], ldae.Diffusion()
+    unet = p.unet()
+    unet.freeze_eps_theta()
+    unet.train()
+    z0, codes = torch.randn(8, *p.latent_shape), torch.randn(8, p.y_dim)
+    codes -= codes.mean(0)  # a code that cannot double as a constant bias
+    opt = torch.optim.Adam([q for q in unet.parameters() if q.requires_grad], lr=3e-3)
+    for _ in range(60):
+        d.repr_loss(unet, codes, z0).backward()
+        opt.step()
+        opt.zero_grad()
+
+    def loss(y):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            return sum(d.repr_loss(unet, y, z0).item() for _ in range(8))
+
+    assert loss(codes) < 0.85 * loss(codes.roll(1, 0))
+
+
 def test_bfloat16_autocast_forward_is_finite():
     p = ldae.PRESETS["tiny"]
     ae, unet, enc = p.autoencoder(), p.unet(), p.encoder()
-    x = torch.rand(1, 1, *p.image_shape)
+    x = torch.rand(2, 1, *p.image_shape)  # y_sem's standardisation over the batch needs two scans
     with torch.autocast("cpu", dtype=torch.bfloat16):
         x_hat, mean, _ = ae(x)
-        eps, g = unet(mean, torch.tensor([10]), enc(x))
+        eps, g = unet(mean, torch.tensor([10, 500]), enc(x))
     assert all(torch.isfinite(v.float()).all() for v in (x_hat, eps, g))
 
 
@@ -216,3 +242,15 @@ def test_slerp_keeps_the_norm_of_orthogonal_unit_vectors_and_hits_the_ends():
     assert torch.allclose(mid, torch.tensor([[0.5**0.5, 0.5**0.5]]), atol=1e-6)
     assert torch.allclose(ldae.slerp(a, b, 0.0), a) and torch.allclose(ldae.slerp(a, b, 1.0), b, atol=1e-6)
     assert torch.allclose(ldae.lerp(a, b, 0.25), torch.tensor([[0.75, 0.25]]))
+
+
+def test_preset_schedule_fills_only_the_flags_left_out():
+    import train_ae
+    import train_ldae
+
+    flags = ldae.parse_config(train_ldae.Config, ["--repr-epochs", "3"])
+    cfg = ldae.with_schedule(flags, ldae.PRESETS["paper"].stage2)
+    assert cfg.repr_epochs == 3 and cfg.pretrain_epochs == 500 and cfg.lr == 2.5e-5 and cfg.accumulate == 8
+    cfg = ldae.with_schedule(ldae.parse_config(train_ae.Config, []), ldae.PRESETS["cpu"].stage1)
+    assert cfg.epochs == ldae.PRESETS["cpu"].stage1["epochs"] and cfg.preset == ""  # train_ae picks it at start
+    assert ldae.default_preset() == "cpu"  # the tests hide any GPU (conftest)
