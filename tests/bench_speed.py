@@ -108,7 +108,8 @@ def stage_loss(preset, stage, device):
         return diffusion.pretrain_loss(unet, z0), list(unet.parameters())
     unet.freeze_eps_theta()
     encoder = preset.encoder().to(device)
-    loss = diffusion.repr_loss(unet, encoder(torch.rand(1, 1, *preset.image_shape, device=device)), z0)
+    z0 = torch.randn(2, *preset.latent_shape, device=device)  # y_sem is standardised over the batch: two scans
+    loss = diffusion.repr_loss(unet, encoder(torch.rand(2, 1, *preset.image_shape, device=device)), z0)
     return loss, [p for p in unet.parameters() if p.requires_grad] + list(encoder.parameters())
 
 
