@@ -562,7 +562,7 @@ def probe_task(run, cfg, kind):
 
     result = scores(train, test) | {"n_train": len(train), "n_test": len(test),
                                     "pca_components": min(50, len(train) - 1),
-                                    "y_sem_spread": ldae.spread_of(y_sem[test]) if len(test) > 1 else None}
+                                    "y_sem_spread": ldae.spread_of(y_sem[test])}
     if cfg.folds:
         folds = subject_folds(run, scans, cfg.folds, cfg.seed)
         per_fold = [scores([i for g in folds if g is not fold for i in g], fold)
@@ -629,7 +629,7 @@ def task_reconstruct(run, cfg):
             "ssim_own_mean": sum(ssim_own) / len(ssim_own),
             "ssim_other_mean": sum(ssim_other_subject) / len(ssim_other_subject)}
     return result | {"random_zT_steps": max(steps), "clip_z0": cfg.clip_z0 or None, "stage2b_loss": losses,
-                     "y_sem_spread": ldae.spread_of(y_sem) if len(indices) > 1 else None}  # a spread needs 2 scans
+                     "y_sem_spread": ldae.spread_of(y_sem)}
 
 
 def other_subject_partner(subjects):

@@ -487,7 +487,9 @@ def slerp(a, b, alpha):
 def spread_of(y_sem):
     """Has y_sem collapsed? Over scans (N, y_dim): spread = mean per-dimension std across scans, magnitude =
     mean |y_sem|, effective rank = exp(entropy of the covariance's normalised eigenvalues), 1 for a code that
-    varies along one direction only (Roy and Vetterli 2007)."""
+    varies along one direction only (Roy and Vetterli 2007). None for fewer than 2 scans: nothing can spread."""
+    if len(y_sem) < 2:
+        return None
     y = y_sem.double()
     eig = torch.linalg.eigvalsh(torch.cov(y.T)).clamp_min(0)
     p = eig / eig.sum().clamp_min(1e-300)

@@ -236,10 +236,9 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
             loss, other, ssim = validate(diffusion, unet_ema, y_sem, decoder, (latent_mean, latent_scale), images,
                                          latents, val_idx, cfg, device)
             validation = {"step": step, "loss": loss, "other_subject_loss": other, "ssim": ssim}
-            spread = ""  # a spread needs two scans
-            if len(val_idx) > 1:
-                spread = ("y_sem spread {spread:.4f} of magnitude {magnitude:.4f}, effective rank "
-                          "{effective_rank:.2f}; ".format(**ldae.spread_of(y_sem)))
+            spread = ldae.spread_of(y_sem)
+            spread = "" if spread is None else ("y_sem spread {spread:.4f} of magnitude {magnitude:.4f}, effective "
+                                                "rank {effective_rank:.2f}; ".format(**spread))
             bar.write(f"epoch {step // steps_per_epoch}: validation loss {loss:.5f} (another subject's y_sem: "
                       f"{other:.5f}, {1 - loss / other:+.1%}), {spread}reconstruction SSIM ({cfg.val_steps} DDIM "
                       f"steps) {ssim:.4f}")
@@ -250,7 +249,8 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
         checkpoint()
         print(f"{stop[0]}: saved {ckpt_path} at step {step} of {name}; continue with --resume")
         return None
-    if stage == "repr" and not cfg.oracle:  # the last EMA weights are kept, with statistics that fit them
+    refitted = validation is not None and validation["step"] == step  # the last validation did it already
+    if stage == "repr" and not cfg.oracle and not refitted:  # the last EMA weights are kept, with fitting statistics
         refresh_standardisation(encoder_ema, images, train_idx, batch_size, device)
     checkpoint(finished=True)
     if rank == 0:
