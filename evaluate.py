@@ -407,20 +407,23 @@ def mid_slices(volume):
     return [volume[:, :, W // 2].T[::-1], volume[:, H // 2, :].T[::-1], volume[D // 2].T[::-1]]
 
 
-def montage(path, rows, min_panel=128):
-    """One PNG row per (volume, kind): kind 'image' shows [0, 1] in gray, 'difference' shows +/- in red/blue,
-    scaled by the largest |difference| of all difference rows."""
+def montage(path, columns, min_panel=128):
+    """A PNG grid. Each column is a list of (volume, kind) cells, each cell drawn top to bottom as its axial,
+    coronal and sagittal mid-slices, so every row of the grid is one orientation. kind 'image' shows [0, 1] in
+    gray; 'difference' shows + in red and - in blue, full colour at the largest |difference| in the grid, which
+    is returned (None without differences) for the caption. A short column leaves its lower cells black."""
     to_numpy = lambda v: v.detach().float().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)
-    rows = [(to_numpy(v).reshape(v.shape[-3:]), kind) for v, kind in rows]
-    diff_scale = max([np.abs(v).max() for v, kind in rows if kind == "difference"] + [1e-8])
-    panels = [[(s, kind) for s in mid_slices(v)] for v, kind in rows]
-    ph = max(s.shape[0] for row in panels for s, _ in row)
-    pw = max(s.shape[1] for row in panels for s, _ in row)
-    zoom = max(1, min_panel // max(ph, pw))
-    gap = 2
-    canvas = np.zeros(((ph * zoom + gap) * len(rows), (pw * zoom + gap) * 3, 3), np.uint8)
-    for r, row in enumerate(panels):
-        for c, (s, kind) in enumerate(row):
+    columns = [[(to_numpy(v).reshape(v.shape[-3:]), kind) for v, kind in cells] for cells in columns]
+    diffs = [np.abs(v).max() for cells in columns for v, kind in cells if kind == "difference"]
+    diff_scale = max(diffs + [1e-8])
+    panels = [[(s, kind) for v, kind in cells for s in mid_slices(v)] for cells in columns]
+    ph = max(s.shape[0] for column in panels for s, _ in column)
+    pw = max(s.shape[1] for column in panels for s, _ in column)
+    zoom, gap = max(1, min_panel // max(ph, pw)), 2
+    n_rows = max(len(column) for column in panels)
+    canvas = np.zeros(((ph * zoom + gap) * n_rows, (pw * zoom + gap) * len(panels), 3), np.uint8)
+    for c, column in enumerate(panels):
+        for r, (s, kind) in enumerate(column):
             if kind == "difference":
                 d = np.clip(s / diff_scale, -1, 1)
                 rgb = np.stack([np.clip(d, 0, 1), np.zeros_like(d), np.clip(-d, 0, 1)], -1)
@@ -431,6 +434,7 @@ def montage(path, rows, min_panel=128):
             left = c * (pw * zoom + gap) + (pw * zoom - rgb.shape[1]) // 2
             canvas[top:top + rgb.shape[0], left:left + rgb.shape[1]] = rgb
     write_png(path, canvas)
+    return float(diff_scale) if diffs else None
 
 
 def scan_meta(run, row):
@@ -725,7 +729,7 @@ def task_sample(run, cfg):
     meta, files = scan_meta(run, run.rows[test[0]]), [f"sample{k}.nii.gz" for k in range(len(volumes))]
     for volume, file in zip(volumes, files):  # in the first test scan's space: a viewer needs some scan's affine
         data.save_like(volume, meta, out_dir / file)
-    montage(out_dir / "samples.png", [(v, "image") for v in volumes[:4]])
+    montage(out_dir / "samples.png", [[(v, "image")] for v in volumes[:4]])
     mean = lambda values: sum(values) / len(values)
     return {"nearest_training_ssim": {name: mean(ssim) for name, (ssim, _) in scores.items()},
             "nearest_training_distance": {name: mean(distance) for name, (_, distance) in scores.items()},
@@ -806,7 +810,7 @@ def task_manipulate(run, cfg):
         z_T = ddim_encode(run, run.latents[[i]], y, cfg.steps)
         recon = ddim_decode(run, z_T, y, cfg.steps, cfg.clip_z0)
         data.save_like(recon[0, 0], meta, out_dir / f"{name}_reconstruction.nii.gz")
-        rows_png = [(x[0, 0], "image"), (recon[0, 0], "image")]
+        columns = {0.0: [(recon[0, 0], "image")]}  # the unedited reconstruction is a = 0
         p_ad_recon = p_ad(semantic_of(run, recon))
         p_ad_by_alpha = {0.0: p_ad_recon}  # the unedited reconstruction is a = 0
         for a in alphas:
@@ -816,7 +820,7 @@ def task_manipulate(run, cfg):
             tag = f"{name}_a{a:+g}"
             data.save_like(edited[0, 0], meta, out_dir / f"{tag}.nii.gz")
             data.save_like(diff[0, 0], meta, out_dir / f"{tag}_difference.nii.gz")
-            rows_png += [(edited[0, 0], "image"), (diff[0, 0], "difference")]
+            columns[a] = [(edited[0, 0], "image"), (diff[0, 0], "difference")]
             entry = {"subject": row["subject"], "session": row["session"], "diagnosis": row["diagnosis"], "alpha": a,
                      "mean_abs_difference": float(diff.abs().mean()), "p_ad_input": p_ad(y),
                      "p_ad_of_reconstruction": p_ad_recon, "p_ad_edited_y": p_ad(y_edit),
@@ -827,7 +831,9 @@ def task_manipulate(run, cfg):
                 entry |= concentration(native_diff, labels)
             scans.append(entry)
             p_ad_by_alpha[a] = entry["p_ad_of_edited_image"]
-        montage(out_dir / f"{name}.png", rows_png)
+        scale = montage(out_dir / f"{name}.png", [[(x[0, 0], "image")]] + [columns[a] for a in sorted(columns)])
+        for entry in scans[-len(alphas):]:
+            entry["png"], entry["png_difference_scale"] = f"{name}.png", scale
         p_sorted = [p for _, p in sorted(p_ad_by_alpha.items())]
         monotonic.append(all(p < q for p, q in zip(p_sorted, p_sorted[1:])))
     summary = {"monotonic_fraction": sum(monotonic) / len(monotonic)}
@@ -841,7 +847,9 @@ def task_manipulate(run, cfg):
             summary[f"{region}_enrichment_mean"] = sum(values) / len(values)
     return {"direction": "a > 0 moves y_sem toward AD", "alphas": alphas, "steps": cfg.steps, "probe_l2": probe.l2,
             "scans": scans, "summary": summary,
-            "montage_rows": "input, reconstruction, then per alpha: edited, difference (red +, blue -)"}
+            "montage_rows": "columns: input, then a in increasing order with the reconstruction as a = 0; rows: axial, "
+                            "coronal, sagittal mid-slices of each image, then of its difference from the "
+                            "reconstruction (red +, blue -, full colour at png_difference_scale)"}
 
 
 # ---- interpolation between visits (METHOD 6)
@@ -913,7 +921,7 @@ def task_variations(run, cfg):
     files = [f"{name}_reconstruction.nii.gz"] + [f"{name}_variation{k}.nii.gz" for k in range(cfg.n)]
     for volume, file in zip([recon[0, 0], *samples[:, 0]], files):
         data.save_like(volume, meta, out_dir / file)
-    montage(out_dir / f"{name}.png", [(x[0, 0], "image"), (recon[0, 0], "image")] + [(s[0], "image") for s in samples])
+    montage(out_dir / f"{name}.png", [[(x[0, 0], "image")], [(recon[0, 0], "image")]] + [[(s[0], "image")] for s in samples])
     to_input = image_metrics(samples, x.expand_as(samples))
     pairs = [(a, b) for a in range(cfg.n) for b in range(a + 1, cfg.n)]
     between = [float(ldae.ssim3d(samples[[a]], samples[[b]])) for a, b in pairs]

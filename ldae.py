@@ -4,9 +4,11 @@ Reads top to bottom: building blocks, AutoencoderKL, Discriminator, UNet (with t
 branch), SemanticEncoder, Diffusion (schedule, losses, DDIM), metrics shared by training and evaluation,
 then the named presets. "METHOD n" points to a section of METHOD.md, which holds the equations.
 """
+import csv
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -241,7 +243,7 @@ class UNet(nn.Module):
     forward(z_t, t, y_sem) -> (eps_theta, G_psi), both from one pass through the shared down path."""
 
     def __init__(self, channels=3, base=256, mults=(1, 2, 3), blocks=2, attention=(2, 4), heads=1,
-                 dropout=0.1, y_dim=768, latent_size=None):
+                 dropout=0.1, y_dim=768, latent_size=None, v_output=False):
         super().__init__()
         self.base, emb = base, 4 * base
         self.time_embed = nn.Sequential(nn.Linear(base, emb), nn.SiLU(), nn.Linear(emb, emb))
@@ -272,6 +274,13 @@ class UNet(nn.Module):
             nn.init.zeros_(self.y_latent.weight)
             nn.init.zeros_(self.y_latent.bias)
             self.y_gate = zero_init(nn.Linear(emb, y_dim))
+        # v output (not in METHOD 3; README, "Stage 2a"): the network predicts v = sqrt(abar) eps - sqrt(1 - abar) z0
+        # and eps_theta = sqrt(1 - abar) z_t + sqrt(abar) v. Predicting eps directly, a short-trained network misses
+        # eps by ~0.002 at t near T, which DDIM divides by sqrt(abar) = 0.006 into the clean latent: samples 4x too
+        # large. Here the same miss costs sqrt(1 - abar) times itself. The loss is still the eps MSE.
+        self.v_output = v_output
+        if v_output:
+            self.register_buffer("abar", Diffusion().abar.float())
         self.eps_frozen = False
 
     def eps_theta_modules(self):
@@ -303,6 +312,9 @@ class UNet(nn.Module):
                 h = layer(h, (temb,))
             skips.append(h)
         eps = self.eps_path(h, skips, (temb,))
+        if self.v_output:
+            abar = self.abar[t].reshape(-1, *[1] * (z.dim() - 1))
+            eps = (1 - abar).sqrt() * z + abar.sqrt() * eps.float()
         if y_sem is None:
             return eps, None
         g = self.estimator(h, skips, (temb, self.y_embed(y_sem)))
@@ -558,6 +570,7 @@ class Preset:
     encoder_widths: tuple
     encoder_heads: int
     encoder_flatten: bool  # slice head over the flattened map (keeps position) instead of the average pool
+    v_output: bool  # the UNet predicts v, from which eps_theta (UNet)
     stage1: dict  # train_ae.py's schedule: defaults of its flags
     stage2: dict  # train_ldae.py's schedule
 
@@ -574,7 +587,7 @@ class Preset:
 
     def unet(self):
         return UNet(self.latent_channels, self.unet_base, self.unet_mults, self.unet_blocks, self.unet_attention,
-                    self.unet_heads, self.dropout, self.y_dim, self.latent_shape[1:])
+                    self.unet_heads, self.dropout, self.y_dim, self.latent_shape[1:], self.v_output)
 
     def encoder(self):
         return SemanticEncoder(self.y_dim, self.encoder_widths, self.encoder_heads, self.dropout,
@@ -587,22 +600,22 @@ PAPER_STAGE1 = dict(epochs=100, lr=5e-5, lr_d=1e-4, batch_size=1, accumulate=4, 
 PAPER_STAGE2 = dict(pretrain_epochs=500, repr_epochs=100, batch_size=16, accumulate=8, repr_batch_size=4,
                     repr_accumulate=4, lr=2.5e-5, repr_lr=2.5e-5, ema=0.999)
 CPU_STAGE1 = dict(epochs=4, lr=1e-3, lr_d=1e-4, batch_size=1, accumulate=1, adv_start=5.0)
-CPU_STAGE2 = dict(pretrain_epochs=40, repr_epochs=32, batch_size=16, accumulate=1, repr_batch_size=8,
+CPU_STAGE2 = dict(pretrain_epochs=40, repr_epochs=40, batch_size=16, accumulate=1, repr_batch_size=8,
                   repr_accumulate=1, lr=5e-4, repr_lr=5e-4, ema=0.99)
 
 PRESETS = {
     "tiny": Preset(image_shape=(16, 20, 16), spacing=12.0, ae_channels=(8, 16), ae_blocks=1, latent_channels=3,
                    disc_channels=8, disc_layers=1, unet_base=16, unet_mults=(1, 2), unet_blocks=1,
                    unet_attention=(2,), unet_heads=1, dropout=0.0, y_dim=16, encoder_widths=(8, 16),
-                   encoder_heads=2, encoder_flatten=True, stage1=CPU_STAGE1, stage2=CPU_STAGE2),
+                   encoder_heads=2, encoder_flatten=True, v_output=True, stage1=CPU_STAGE1, stage2=CPU_STAGE2),
     "cpu": Preset(image_shape=(48, 64, 48), spacing=3.5, ae_channels=(16, 32, 64), ae_blocks=1, latent_channels=2,
                   disc_channels=16, disc_layers=3, unet_base=32, unet_mults=(1, 2, 2), unet_blocks=1,
                   unet_attention=(4,), unet_heads=1, dropout=0.0, y_dim=128, encoder_widths=(16, 32, 64, 128),
-                  encoder_heads=8, encoder_flatten=True, stage1=CPU_STAGE1, stage2=CPU_STAGE2),
+                  encoder_heads=8, encoder_flatten=True, v_output=True, stage1=CPU_STAGE1, stage2=CPU_STAGE2),
     "paper": Preset(image_shape=(128, 160, 128), spacing=1.5, ae_channels=(64, 128, 128, 128), ae_blocks=2,
                     latent_channels=3, disc_channels=64, disc_layers=3, unet_base=256, unet_mults=(1, 2, 3),
                     unet_blocks=2, unet_attention=(2, 4), unet_heads=1, dropout=0.1, y_dim=768,
-                    encoder_widths=(64, 128, 256, 512), encoder_heads=8, encoder_flatten=False,
+                    encoder_widths=(64, 128, 256, 512), encoder_heads=8, encoder_flatten=False, v_output=False,
                     stage1=PAPER_STAGE1, stage2=PAPER_STAGE2),
 }
 
@@ -741,6 +754,46 @@ def step_seed(seed, step, rank):
     """All randomness of a training step comes from (seed, step, rank): resuming at any step is exact,
     whatever ran before it, so no RNG state needs to travel in the checkpoint."""
     torch.manual_seed(seed * 1_000_003 + step * 1_009 + rank)
+
+
+class TrainingLog:
+    """RUN/log.csv, for plotting: one line per `every` optimiser steps (their mean loss, the learning rate, seconds
+    per step) and one per validation, each with its stage; columns named in the header, blank where a line has
+    no such figure. Every line is flushed as it is written. A resumed stage first drops its own lines past the
+    checkpoint's step (those steps run again), so the file continues where the checkpoint does."""
+
+    COLUMNS = ("stage", "step", "epoch", "loss", "lr", "seconds_per_step", "val_ssim", "val_mse", "val_loss",
+               "val_other_subject_loss", "y_sem_spread", "y_sem_magnitude", "y_sem_effective_rank")
+
+    def __init__(self, path, stage, step, steps_per_epoch, every=20, enabled=True):
+        self.path, self.stage, self.steps_per_epoch, self.every = Path(path), stage, steps_per_epoch, every
+        self.enabled, self.pending = enabled, []
+        if not enabled:
+            return
+        rows = []
+        if self.path.exists():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("stage") != stage or int(r["step"]) <= step]
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, step, **values):
+        if not self.enabled:
+            return
+        row = {"stage": self.stage, "step": step, "epoch": f"{step / self.steps_per_epoch:.3f}"}
+        row |= {k: f"{v:.6g}" for k, v in values.items() if v is not None}
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.COLUMNS).writerow(row)
+
+    def train_step(self, step, loss, lr, seconds):
+        """After optimiser step `step` (counted from 1): its loss, learning rate and duration."""
+        self.pending.append((loss, seconds))
+        if step % self.every == 0:
+            losses, times = zip(*self.pending)
+            self.write(step, loss=sum(losses) / len(losses), lr=lr, seconds_per_step=sum(times) / len(times))
+            self.pending = []
 
 
 class CheckpointError(RuntimeError):

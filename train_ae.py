@@ -134,13 +134,15 @@ def main(cfg):
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _: stop.append(signal.Signals(signum).name))
     bar = tqdm(total=total, initial=step, desc="stage 1 autoencoder", disable=rank != 0)
+    log = ldae.TrainingLog(run / "log.csv", "autoencoder", step, steps_per_epoch, enabled=rank == 0)
     t0, first = time.time(), step
     while step < total and not stop:
+        step_start = time.time()
         ldae.step_seed(cfg.seed, step, rank)
         epoch, k = divmod(step, steps_per_epoch)
         order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed + epoch))
         batch_ids = order[k * per_step:(k + 1) * per_step][rank::world].tolist()
-        losses, adversarial = {}, step >= adv_start
+        losses, total_loss, adversarial = {}, 0.0, step >= adv_start
         for micro in range(cfg.accumulate):
             ids = [train_idx[i] for i in batch_ids[micro * cfg.batch_size:(micro + 1) * cfg.batch_size]]
             x = torch.tensor(images[ids]).to(device)
@@ -159,6 +161,7 @@ def main(cfg):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}: the last good checkpoint "
                                          f"{ckpt_path} is kept; lower --lr or use --amp off")
             scaler.scale(loss / cfg.accumulate).backward()
+            total_loss += loss.item() / cfg.accumulate
             if adversarial:
                 with amp_ctx:
                     d_loss = 0.5 * (disc(x_hat.detach()).float().pow(2).mean()
@@ -183,10 +186,12 @@ def main(cfg):
             opt_d.step()
             opt_d.zero_grad(set_to_none=True)
         step += 1
+        log.train_step(step, total_loss, opt.param_groups[0]["lr"], time.time() - step_start)
         bar.update(1)
         bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items() if k != "kl"})
         if step % steps_per_epoch == 0 and rank == 0 and val_idx:
             ssim, mse = evaluate_ae(ae, images, val_idx, device)
+            log.write(step, val_ssim=ssim, val_mse=mse)
             bar.write(f"epoch {step // steps_per_epoch}: validation SSIM {ssim:.4f}  MSE {mse:.5f}")
         if step % cfg.save_every == 0:
             checkpoint()

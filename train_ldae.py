@@ -187,10 +187,12 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
         signal.signal(sig, lambda signum, _: stop.append(signal.Signals(signum).name))
     name = "stage 2a latent DDPM" if stage == "pretrain" else "stage 2b representation"
     bar = tqdm(total=total, initial=step, desc=name, disable=rank != 0)
+    log = ldae.TrainingLog(Path(cfg.out) / "log.csv", stage, step, steps_per_epoch, enabled=rank == 0)
     t0, first, running = time.time(), step, None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     while step < total and not stop:
+        step_start = time.time()
         ldae.step_seed(cfg.seed, step, rank)
         epoch, k = divmod(step, steps_per_epoch)
         order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed + epoch))
@@ -219,6 +221,7 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
         ldae.update_ema(unet_ema, unet, cfg.ema, step)
         ldae.update_ema(encoder_ema, encoder, cfg.ema, step)
         step += 1
+        log.train_step(step, total_loss, opt.param_groups[0]["lr"], time.time() - step_start)
         running = total_loss if running is None else 0.95 * running + 0.05 * total_loss
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}")
@@ -227,6 +230,7 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
             with torch.no_grad():
                 z0 = latents[val_idx].to(device)
                 loss = sum(diffusion.pretrain_loss(unet_ema, z0).item() for _ in range(16)) / 16
+            log.write(step, val_loss=loss)
             bar.write(f"epoch {step // steps_per_epoch}: validation loss {loss:.5f}")
         if stage == "repr" and step % steps_per_epoch == 0 and rank == 0 and val_idx:
             if not cfg.oracle:
@@ -237,6 +241,8 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
                                          latents, val_idx, cfg, device)
             validation = {"step": step, "loss": loss, "other_subject_loss": other, "ssim": ssim}
             spread = ldae.spread_of(y_sem)
+            log.write(step, val_loss=loss, val_other_subject_loss=other, val_ssim=ssim,
+                      **{f"y_sem_{k}": v for k, v in (spread or {}).items()})
             spread = "" if spread is None else ("y_sem spread {spread:.4f} of magnitude {magnitude:.4f}, effective "
                                                 "rank {effective_rank:.2f}; ".format(**spread))
             bar.write(f"epoch {step // steps_per_epoch}: validation loss {loss:.5f} (another subject's y_sem: "

@@ -237,7 +237,10 @@ def test_manipulate_writes_volumes_in_scan_space_and_a_montage(run):
         for file in entry["files"]:
             assert_nifti_like(folder / file, scan)
         assert 0 <= entry["ventricles"]["volume_share"] < 1 and 0 <= entry["hippocampus"]["difference_share"] <= 1
-        assert (folder / f"{entry['subject']}_{entry['session']}.png").read_bytes().startswith(PNG_SIGNATURE)
+        png = (folder / entry["png"]).read_bytes()
+        assert png.startswith(PNG_SIGNATURE) and entry["png_difference_scale"] > 0
+    width, height = (int.from_bytes(png[i:i + 4], "big") for i in (16, 20))  # IHDR
+    assert width / 4 == height / 6  # columns: input, a = -2, 0 (reconstruction), +2; rows: 3 slices x (image, diff)
     summary = result["summary"]
     p_ad = [result["scans"][0]["p_ad_of_edited_image"], result["scans"][0]["p_ad_of_reconstruction"],
             result["scans"][1]["p_ad_of_edited_image"]]  # a = -2, 0, +2
