@@ -232,7 +232,7 @@ class Config:
     seed: int = 0
 
 
-TASKS = ("ad", "age", "reconstruct", "sample", "manipulate", "interpolate", "variations", "throughput")
+TASKS = ("ad", "age", "reconstruct", "sample", "manipulate", "interpolate", "variations", "throughput", "summary")
 L2_GRID = [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]  # the logistic l2 is sklearn's 1 / C
 BRAIN_THRESHOLD = 0.05  # voxels of the scaled input above this are brain for the masked SSIM
 
@@ -1069,6 +1069,57 @@ def task_throughput(run, cfg):
 # ---- printing and the command line
 
 
+def task_summary(run, cfg):
+    """The README's results table for this run, from the JSON the other tasks wrote (nothing is recomputed):
+    one row per measure, in the README's order and units, so a run can be compared with ours line by line.
+    A measure whose task has not run names the command that makes it."""
+    found = {t: json.loads((run.path / "eval" / f"{t}.json").read_text())
+             for t in ("ad", "age", "reconstruct", "sample", "manipulate", "interpolate")
+             if (run.path / "eval" / f"{t}.json").exists()}
+    rows, missing = [], []
+
+    def row(measure, task, cell):
+        command = f"python evaluate.py --out {run.path} --task {task}" + (" --folds 5" if task in ("ad", "age") else "")
+        if task in found:
+            rows.append([measure, cell(found[task])])
+        elif command not in missing:
+            missing.append(command)
+
+    probe = lambda r, metric, names: " / ".join(f"{r.get('cross_validation', r)[n][metric]:.{3 if metric == 'roc_auc' else 2}f}"
+                                                for n in names if n in r.get("cross_validation", r))
+    rows.append(["stage-1 validation SSIM", f"{ldae.load_checkpoint(run.path / 'ae.pt')['val_ssim']:.3f}"])
+    row("reconstruction SSIM: autoencoder / LDAE, DDIM-encoded z_T, 100 steps", "reconstruct",
+        lambda r: f"{r['autoencoder']['ssim']:.3f} / {r['ldae_S100']['ssim']:.3f}")
+    row("LDAE from y_sem and a random z_T, SSIM", "reconstruct", lambda r: f"{r['ldae_random_zT']['ssim']:.3f}")
+    row("same z_T, own y_sem closer to the scan than another subject's", "reconstruct",
+        lambda r: f"{r['random_zT_own_vs_other_subject']['own_better_fraction']:.0%} of scans")
+    row("stage-2b loss, own / another subject's y_sem; scans where own is lower", "reconstruct",
+        lambda r: "{own_y_sem:.5f} / {other_subject_y_sem:.5f}; {own_below_other_subject_fraction:.0%}".format(
+            **r["stage2b_loss"]))
+    row("that gap / what a perfect code could save", "reconstruct",
+        lambda r: "{mean_gap_other_minus_own:.4f} / {perfect_code_bound:.4f} ({gap_over_bound:.0%})".format(
+            **r["stage2b_loss"]))
+    row("y_sem spread / magnitude / effective rank (test scans)", "reconstruct",
+        lambda r: "{spread:.2f} / {magnitude:.2f} / {effective_rank:.1f}".format(**r["y_sem_spread"]))
+    row("AD vs CN ROC-AUC (5-fold where run with --folds): y_sem / untrained encoder / PCA / AE latent", "ad",
+        lambda r: probe(r, "roc_auc", ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_latent")))
+    row("age MAE, y (5-fold where run with --folds): y_sem / untrained encoder / PCA / mean age", "age",
+        lambda r: probe(r, "mae", ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_mean_age")))
+    row("DDPM samples: SSIM / latent distance to the nearest training scan (test scans)", "sample",
+        lambda r: "{:.3f} / {:.0f} ({:.3f} / {:.0f})".format(
+            r["nearest_training_ssim"]["samples"], r["nearest_training_distance"]["samples"],
+            r["nearest_training_ssim"]["test_scans"], r["nearest_training_distance"]["test_scans"]))
+    row("manipulation: p(AD) of the re-encoded edit monotonic in a; ventricles + hippocampus share of the change",
+        "manipulate", lambda r: "{:.0%}; {}".format(r["summary"]["monotonic_fraction"], (
+            f"{r['summary']['ventricles_plus_hippocampus_share']:.0%}"
+            if "ventricles_plus_hippocampus_share" in r["summary"] else "no labels")))
+    row("interpolation, shortest gap, in the autoencoder's frame: LDAE / nearest visit, SSIM", "interpolate",
+        lambda r: "{:.3f} / {:.3f} ({} months)".format(
+            *(next(iter(r[k].values()))["ssim"] for k in ("ldae_vs_autoencoder", "nearest_visit_vs_autoencoder")),
+            next(iter(r["ldae_vs_autoencoder"]))))
+    return {"rows": rows, "missing": missing}
+
+
 def print_table(task, result):
     """A readable summary: one line per method (dict of numbers), nested per gap where there is one."""
     print(f"\n{task}")
@@ -1107,6 +1158,14 @@ def main(cfg):
         peak = max(v for k, v in m.items() if "peak" in k)
         print(f"  Conv3d peak {peak:.0f} GFLOP/s (float32 or bfloat16, the faster); autoencoder training step "
               f"{m['ae_train_gflops']:.0f} GFLOP/s = {100 * m['ae_train_of_peak']:.0f}% of it")
+    elif cfg.task == "summary":
+        print("\n| measure | this run |\n| --- | --- |")
+        for measure, value in result["rows"]:
+            print(f"| {measure} | {value} |")
+        for command in result["missing"]:
+            print(f"not yet run: {command}")
+        print(f"wrote {path}")
+        return
     elif cfg.task == "manipulate":
         for s in result["scans"]:
             regions = "  ".join(f"{r} {s[r]['difference_share']:.3f} of |diff| vs {s[r]['volume_share']:.3f} of brain"

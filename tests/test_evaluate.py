@@ -305,3 +305,16 @@ def test_throughput_times_ldae_against_a_voxel_dae(run):
     precision = result["inference_precision"]
     assert precision["dtype"] in ("float32", "bfloat16") and 0 <= precision["ssim_change"] < 0.01
     assert result["machine"]["conv3d_peak_gflops"] > 0 and 0 < result["machine"]["ae_train_of_peak"] < 1.5
+
+
+def test_summary_collects_the_readme_rows_from_the_tasks_json(run):
+    for path in (run / "eval").glob("*.json") if (run / "eval").exists() else []:
+        path.unlink()
+    result = evaluate(run, "summary")
+    assert [measure for measure, _ in result["rows"]] == ["stage-1 validation SSIM"]
+    assert any(c.endswith("--task sample") for c in result["missing"]) and len(result["missing"]) == 6
+    sample = evaluate(run, "sample", "--steps", 2, "--n-samples", 2)
+    result = evaluate(run, "summary")
+    cell = dict(result["rows"])["DDPM samples: SSIM / latent distance to the nearest training scan (test scans)"]
+    assert cell.startswith(f"{sample['nearest_training_ssim']['samples']:.3f} / ")
+    assert len(result["missing"]) == 5
