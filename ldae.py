@@ -264,7 +264,7 @@ class UNet(nn.Module):
         self.eps_path = UpPath(*sizes, cond_dims=(emb,), skips=skips)
         self.y_embed = nn.Linear(y_dim, emb)
         self.estimator = UpPath(*sizes, cond_dims=(emb, emb), skips=skips)  # head zero-initialised: G = 0
-        # The spatial route from y_sem (not in METHOD 4; README, "Stage 2b"): G += W (y_sem * (1 + gate(t))), a linear
+        # The spatial route from y_sem (not in METHOD 4; docs/design.md): G += W (y_sem * (1 + gate(t))), a linear
         # map from y_sem to a latent-shaped tensor, each code dimension scaled by a learned function of the
         # timestep. Through AdaGN alone (one scale and shift per channel, spatially uniform) the estimator left
         # even an oracle code unused; this path uses it at once. W starts at zero, so G = 0 at the start still.
@@ -274,9 +274,9 @@ class UNet(nn.Module):
             nn.init.zeros_(self.y_latent.weight)
             nn.init.zeros_(self.y_latent.bias)
             self.y_gate = zero_init(nn.Linear(emb, y_dim))
-        # v output (not in METHOD 3; README, "Stage 2a"): the network predicts v = sqrt(abar) eps - sqrt(1 - abar) z0
+        # v output (not in METHOD 3; docs/design.md): the network predicts v = sqrt(abar) eps - sqrt(1 - abar) z0
         # and eps_theta = sqrt(1 - abar) z_t + sqrt(abar) v. Predicting eps directly, a short-trained network misses
-        # eps by ~0.002 at t near T, which DDIM divides by sqrt(abar) = 0.006 into the clean latent: samples 4x too
+        # eps by ~0.002 at t near T, which DDIM divides by sqrt(abar) = 0.006 into the clean latent: samples 3.8x too
         # large. Here the same miss costs sqrt(1 - abar) times itself. The loss is still the eps MSE.
         self.v_output = v_output
         if v_output:
@@ -367,7 +367,7 @@ class SemanticEncoder(nn.Module):
         self.norm = nn.LayerNorm(y_dim)
         # Not in METHOD 4: y_sem standardised over the batch (running statistics at inference). A code with a
         # constant part lets a linear map in the estimator use it as a bias, and then training shrinks what
-        # varies (README, "Stage 2b"); without a mean, y_sem is only worth anything by differing between scans.
+        # varies (docs/design.md); without a mean, y_sem is only worth anything by differing between scans.
         self.standardise = nn.BatchNorm1d(y_dim, affine=False)
 
     def forward(self, x):
@@ -570,7 +570,7 @@ class Preset:
     encoder_widths: tuple
     encoder_heads: int
     encoder_flatten: bool  # slice head over the flattened map (keeps position) instead of the average pool
-    v_output: bool  # the UNet predicts v, from which eps_theta (UNet)
+    v_output: bool  # the UNet's output is v, and eps_theta follows from it (UNet)
     stage1: dict  # train_ae.py's schedule: defaults of its flags
     stage2: dict  # train_ldae.py's schedule
 
@@ -595,7 +595,7 @@ class Preset:
 
 
 # Schedules. The paper's values are METHOD 2-4's (2a's batch of 128 as 16 x 8 accumulated, to fit a GPU; METHOD
-# gives no stage-2b length: 100 epochs is ours). The cpu schedule was measured on the demo cohort (README).
+# gives no stage-2b length: 100 epochs is ours). The cpu schedule was measured on the demo cohort (docs/results.md).
 PAPER_STAGE1 = dict(epochs=100, lr=5e-5, lr_d=1e-4, batch_size=1, accumulate=4, adv_start=5.0)
 PAPER_STAGE2 = dict(pretrain_epochs=500, repr_epochs=100, batch_size=16, accumulate=8, repr_batch_size=4,
                     repr_accumulate=4, lr=2.5e-5, repr_lr=2.5e-5, ema=0.999)
