@@ -1085,8 +1085,13 @@ def task_summary(run, cfg):
         elif command not in missing:
             missing.append(command)
 
-    probe = lambda r, metric, names: " / ".join(f"{r.get('cross_validation', r)[n][metric]:.{3 if metric == 'roc_auc' else 2}f}"
-                                                for n in names if n in r.get("cross_validation", r))
+    def probe(result, metric, names):  # the K-fold figures where the task ran with --folds, else the test split
+        table, digits = result.get("cross_validation", result), {"roc_auc": 3, "mae": 2}[metric]
+        return " / ".join(f"{table[n][metric]:.{digits}f}" for n in names if n in table)
+
+    def shortest_gap(result, method):  # interpolate's figures per gap in months, keyed by the gap
+        return result[method][min(result[method], key=float)]
+
     rows.append(["stage-1 validation SSIM", f"{ldae.load_checkpoint(run.path / 'ae.pt')['val_ssim']:.3f}"])
     row("reconstruction SSIM: autoencoder / LDAE, DDIM-encoded z_T, 100 steps", "reconstruct",
         lambda r: f"{r['autoencoder']['ssim']:.3f} / {r['ldae_S100']['ssim']:.3f}")
@@ -1114,9 +1119,9 @@ def task_summary(run, cfg):
             f"{r['summary']['ventricles_plus_hippocampus_share']:.0%}"
             if "ventricles_plus_hippocampus_share" in r["summary"] else "no labels")))
     row("interpolation, shortest gap, in the autoencoder's frame: LDAE / nearest visit, SSIM", "interpolate",
-        lambda r: "{:.3f} / {:.3f} ({} months)".format(
-            *(next(iter(r[k].values()))["ssim"] for k in ("ldae_vs_autoencoder", "nearest_visit_vs_autoencoder")),
-            next(iter(r["ldae_vs_autoencoder"]))))
+        lambda r: "{:.3f} / {:.3f} ({:g} months)".format(
+            shortest_gap(r, "ldae_vs_autoencoder")["ssim"], shortest_gap(r, "nearest_visit_vs_autoencoder")["ssim"],
+            min(map(float, r["ldae_vs_autoencoder"]))))
     return {"rows": rows, "missing": missing}
 
 
