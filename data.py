@@ -547,10 +547,14 @@ def render_labels(anatomy, sizes):
     return labels
 
 
+def noiseless_t1(labels, contrast=1.0):
+    """T1-like intensities of a label map with partial volume at tissue borders; no bias field, gain or noise."""
+    return ndimage.gaussian_filter((T1_INTENSITY * contrast)[labels].astype(np.float32), 0.6)
+
+
 def render_t1(labels, anatomy, rng):
     """T1-like intensities from a label map, with this visit's bias field, gain and Rician noise."""
-    image = (T1_INTENSITY * anatomy["contrast"])[labels].astype(np.float32)
-    image = ndimage.gaussian_filter(image, 0.6)  # partial volume at tissue borders
+    image = noiseless_t1(labels, anatomy["contrast"])
     image *= np.exp(0.12 * _smooth_field(rng, 30.0)) * rng.normal(1.0, 0.05)  # coil bias, gain
     sigma = 0.035
     real = image + sigma * rng.standard_normal(image.shape, np.float32)

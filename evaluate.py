@@ -220,7 +220,9 @@ class Config:
     max_scans: int = 48  # reconstruct: test scans scored
     n_samples: int = 16  # sample: z_T ~ N(0, I) decoded without y_sem
     n_scans: int = 16  # manipulate: test scans edited
-    alphas: str = "-2,-1,1,2"  # manipulate: steps along the AD direction, in units of sqrt(y_dim)
+    alphas: str = "-2,-1,1,2"  # manipulate: steps along the AD direction, in units of alpha_unit
+    alpha_unit: str = "groups"  # manipulate: a = 1 is the CN-to-AD distance of the training means along the
+    # direction ("groups"), or METHOD's sqrt(y_dim) z-scored units ("sqrt_d")
     n: int = 4  # variations: random z_T
     scan: int = 0  # variations: which test scan
     clip_z0: float = 0.0  # clamp z0_hat to [-c, c] at every DDIM step (METHOD 5); 0: off
@@ -509,18 +511,32 @@ def ad_scans(run):
     return train, test
 
 
+MEASURES = ("ventricle_ml", "hippocampus_ml", "cortex_thickness_mm")  # the synthetic cohort's ground truth
+
+
 def probe_features(run, y_sem, y_sem_untrained, train, test):
     """(train, test) features per method, fitted on train only: y_sem (rows of the (N, y_dim) y_sem), the same
     from the encoder's random start (what training added), PCA of the voxels (k = min(50, n - 1)), the
-    flattened AE latent."""
+    flattened AE latent; and where the cohort table has them for every scan (the synthetic cohort does), its
+    measured structure sizes (MEASURES): a ceiling, what a code that knew the atrophy exactly would score."""
     voxels = lambda idx: torch.tensor(np.asarray(run.images[idx]).reshape(len(idx), -1))  # (n, D * H * W)
     train_voxels = voxels(train)
     mean, components, _ = pca_fit(train_voxels, 50)
-    return {"ldae": (y_sem[train], y_sem[test]),
-            "baseline_untrained_encoder": (y_sem_untrained[train], y_sem_untrained[test]),
-            "baseline_pca": (pca_transform(train_voxels, mean, components),
-                             pca_transform(voxels(test), mean, components)),
-            "baseline_latent": (run.latents[train].flatten(1), run.latents[test].flatten(1))}
+    features = {"ldae": (y_sem[train], y_sem[test]),
+                "baseline_untrained_encoder": (y_sem_untrained[train], y_sem_untrained[test]),
+                "baseline_pca": (pca_transform(train_voxels, mean, components),
+                                 pca_transform(voxels(test), mean, components)),
+                "baseline_latent": (run.latents[train].flatten(1), run.latents[test].flatten(1))}
+    def measured(idx):
+        try:
+            return torch.tensor([[float(run.rows[i][m]) for m in MEASURES] for i in idx])
+        except (KeyError, ValueError):  # a scan without them
+            return None
+
+    truth = measured(train), measured(test)
+    if None not in truth:
+        features["reference_measured_atrophy"] = truth
+    return features
 
 
 def subject_folds(run, scans, k, seed):
@@ -782,29 +798,64 @@ def concentration(diff, labels):
     return out
 
 
+def atrophy_reference(run, subject, out_dir):
+    """What an edit that follows the cohort's own atrophy would score: the subject's change from its first to its
+    last labelled visit, both label maps rendered without noise (data.noiseless_t1), taken through the model's
+    grid and back as a decoded image is, concentration() on the first visit's labels. None without two labelled
+    visits that differ. Writes {subject}_reference_difference.nii.gz."""
+    visits = sorted((r for r in run.rows if r["subject"] == subject and r.get("labels")), key=lambda r: r["months"])
+    if len(visits) < 2:
+        return None
+    labels = [np.asanyarray(nib.load(r["labels"]).dataobj).astype(np.int64) for r in (visits[0], visits[-1])]
+    if (labels[0] == labels[1]).all():
+        return None
+    grid = []
+    for row, label_map in zip((visits[0], visits[-1]), labels):
+        path = out_dir / f"{scan_name(row)}_noiseless.nii.gz"
+        nib.save(nib.Nifti1Image(data.noiseless_t1(label_map), nib.load(row["labels"]).affine), str(path))
+        grid.append(data.load_scan(path, run.preset.image_shape, run.preset.spacing,
+                                   run.ae_config["clip_percentile"] or None))
+        path.unlink()
+    path = out_dir / f"{subject}_reference_difference.nii.gz"
+    data.save_like(grid[1][0] - grid[0][0], grid[0][1], path)
+    return concentration(np.asanyarray(nib.load(str(path)).dataobj), labels[0]) | {
+        "from": visits[0]["session"], "to": visits[-1]["session"], "file": path.name}
+
+
 def task_manipulate(run, cfg):
     """Move y_sem along the AD probe's direction and decode with the scan's own z_T.
 
-    In z-scored y space y_n' = y_n + a sqrt(d) w/|w| (w: the AD-vs-CN probe weights; a > 0 toward AD), so
-    y' = y + a sqrt(d) std * w/|w| in the encoder's units. Differences (manipulated - reconstruction) are
-    written in the scan's own space, where the synthetic label map lives: no label resampling is needed,
-    the difference is the one that went through data.save_like (linear interpolation back to the scan).
+    In z-scored y space y_n' = y_n + a u w/|w| (w: the AD-vs-CN probe weights; a > 0 toward AD), so
+    y' = y + a u std * w/|w| in the encoder's units. METHOD's unit u = sqrt(d) grows with y's size, not its spread:
+    at the cpu preset (d = 128) a = 1 moved y 3.3 times the distance between the CN and AD means along w, p(AD)
+    saturated at |a| = 1 and the edits at a = -2 overshot (docs/design.md). The default u is that distance.
+    Differences (manipulated - reconstruction) are written in the scan's own space, where the synthetic label map
+    lives: no label resampling is needed, the difference is the one that went through data.save_like (linear
+    interpolation back to the scan).
     """
     alphas = [float(a) for a in cfg.alphas.split(",")]
     train, _ = ad_scans(run)
     y_train = semantic(run, train, cfg.batch_size).double()
     std = y_train.std(0, correction=0).clamp_min(1e-8)  # as standardize() does
     y_train_n, = standardize(y_train)
-    probe = fit_probe("logistic", y_train_n, torch.tensor([float(run.rows[i]["diagnosis"] == "AD") for i in train]),
-                      [run.rows[i]["subject"] for i in train])
-    step = math.sqrt(y_train.shape[1]) * std * probe.w / probe.w.norm()  # one unit of a, in y units
+    is_ad = torch.tensor([float(run.rows[i]["diagnosis"] == "AD") for i in train])
+    probe = fit_probe("logistic", y_train_n, is_ad, [run.rows[i]["subject"] for i in train])
+    direction = probe.w / probe.w.norm()
+    along = y_train_n @ direction
+    separation = float(along[is_ad == 1].mean() - along[is_ad == 0].mean())  # z-scored units
+    units = {"groups": separation, "sqrt_d": math.sqrt(y_train.shape[1])}
+    if cfg.alpha_unit not in units:
+        raise SystemExit(f"error: --alpha-unit {cfg.alpha_unit!r}: choose groups or sqrt_d")
+    step = units[cfg.alpha_unit] * std * direction  # one unit of a, in y units
     p_ad = lambda y: float(predict_logistic(standardize(y_train, y.double().cpu())[1], probe.w, probe.b)[0])
     out_dir = run.path / "eval" / "manipulate"
     out_dir.mkdir(parents=True, exist_ok=True)
-    scans, monotonic = [], []
+    scans, monotonic, references = [], [], {}
     for i in tqdm(run.indices("test")[:cfg.n_scans], desc="manipulate"):
         row, meta = run.rows[i], scan_meta(run, run.rows[i])
         name, labels = scan_name(row), load_labels(row, meta["shape"])
+        if labels is not None and row["subject"] not in references:
+            references[row["subject"]] = atrophy_reference(run, row["subject"], out_dir)
         x = run.x([i])
         y = semantic(run, [i], 1, None).to(run.device)
         z_T = ddim_encode(run, run.latents[[i]], y, cfg.steps)
@@ -828,7 +879,7 @@ def task_manipulate(run, cfg):
                      "files": [f"{tag}.nii.gz", f"{tag}_difference.nii.gz"]}
             if labels is not None:
                 native_diff = np.asanyarray(nib.load(str(out_dir / f"{tag}_difference.nii.gz")).dataobj)
-                entry |= concentration(native_diff, labels)
+                entry |= concentration(native_diff, labels) | {"subject_atrophy": references[row["subject"]]}
             scans.append(entry)
             p_ad_by_alpha[a] = entry["p_ad_of_edited_image"]
         scale = montage(out_dir / f"{name}.png", [[(x[0, 0], "image")]] + [columns[a] for a in sorted(columns)])
@@ -841,11 +892,17 @@ def task_manipulate(run, cfg):
               if "ventricles" in s]
     if shares:
         summary["ventricles_plus_hippocampus_share"] = sum(shares) / len(shares)
+    shares = [r["ventricles"]["difference_share"] + r["hippocampus"]["difference_share"]
+              for r in references.values() if r is not None]
+    if shares:  # per subject: the same measure of each edited subject's own atrophy between visits
+        summary["subject_atrophy_ventricles_plus_hippocampus_share"] = sum(shares) / len(shares)
     for region in ("ventricles", "hippocampus"):
         values = [s[region]["enrichment"] for s in scans if region in s and s[region]["enrichment"] is not None]
         if values:
             summary[f"{region}_enrichment_mean"] = sum(values) / len(values)
-    return {"direction": "a > 0 moves y_sem toward AD", "alphas": alphas, "steps": cfg.steps, "probe_l2": probe.l2,
+    return {"direction": "a > 0 moves y_sem toward AD", "alphas": alphas, "alpha_unit": cfg.alpha_unit,
+            "alpha_unit_z": units[cfg.alpha_unit], "group_separation_z": separation, "sqrt_d": units["sqrt_d"],
+            "steps": cfg.steps, "probe_l2": probe.l2,
             "scans": scans, "summary": summary,
             "montage_rows": "columns: input, then a in increasing order with the reconstruction as a = 0; rows: axial, "
                             "coronal, sagittal mid-slices of each image, then of its difference from the "
@@ -970,16 +1027,34 @@ def timed(fn, repeats, device):
     return (time.perf_counter() - start) / repeats
 
 
+# One 3x3x3 Conv3d per (channels, spatial size): the sizes where the presets' networks spend their time, at about
+# the same work each. A GPU needs larger problems to reach its rate (H100 bfloat16: 66 TFLOP/s at 64 channels and
+# 32x40x32, 211 at batch 8 and 64x80x64).
+CONV_SHAPES = {"cpu": [(1, 32, (48, 64, 48)), (1, 64, (32, 40, 32)), (1, 128, (32, 40, 32)), (1, 256, (16, 20, 16)),
+                       (4, 512, (8, 10, 8))],
+               "cuda": [(8, 64, (64, 80, 64)), (8, 128, (32, 40, 32)), (8, 256, (16, 20, 16))]}
+
+
+def conv_rates(device, dtype=torch.float32):
+    """FLOP/s of one Conv3d per shape of CONV_SHAPES and layout: {"64 ch 32x40x32 x1, channels_last_3d": rate}."""
+    rates = {}
+    for batch, channels, size in CONV_SHAPES[device.type]:
+        conv = ldae.conv3(channels, channels).to(device, dtype)
+        x = torch.randn(batch, channels, *size, device=device, dtype=dtype)
+        flops = 2 * channels * channels * 27 * x[:, 0].numel()
+        for layout in (torch.contiguous_format, torch.channels_last_3d):
+            conv, x = conv.to(memory_format=layout), x.contiguous(memory_format=layout)
+            with torch.no_grad():
+                conv(x)
+                name = f"{channels} ch {'x'.join(map(str, size))} x{batch}, {str(layout).replace('torch.', '')}"
+                rates[name] = flops / timed(lambda: conv(x), 3, device)
+    return rates
+
+
 def conv_peak(device, dtype=torch.float32):
-    """The machine's own Conv3d rate (FLOP/s): one wide 3x3x3 convolution, the best case of our networks."""
-    conv = ldae.conv3(64, 64).to(device, dtype)
-    # A GPU needs a larger problem to reach its rate (H100 bfloat16: 66 TFLOP/s at the CPU's size, 211 here).
-    shape = (8, 64, 64, 80, 64) if device.type == "cuda" else (1, 64, 32, 40, 32)
-    x = torch.randn(*shape, device=device, dtype=dtype)
-    flops = 2 * 64 * 64 * 27 * x[:, 0].numel()
-    with torch.no_grad():
-        conv(x)
-        return flops / timed(lambda: conv(x), 3, device)
+    """The machine's Conv3d rate (FLOP/s): the best of conv_rates, so percentages of it mean the same on every
+    machine."""
+    return max(conv_rates(device, dtype).values())
 
 
 def autoencoder_training_rate(preset, device, checkpointing=False):
@@ -1074,7 +1149,7 @@ def task_summary(run, cfg):
     one row per measure, in the README's order and units, so a run can be compared with ours line by line.
     A measure whose task has not run names the command that makes it."""
     found = {t: json.loads((run.path / "eval" / f"{t}.json").read_text())
-             for t in ("ad", "age", "reconstruct", "sample", "manipulate", "interpolate")
+             for t in ("ad", "age", "reconstruct", "sample", "manipulate", "interpolate", "throughput")
              if (run.path / "eval" / f"{t}.json").exists()}
     rows, missing = [], []
 
@@ -1087,10 +1162,18 @@ def task_summary(run, cfg):
 
     def probe(result, metric, names):  # the K-fold figures where the task ran with --folds, else the test split
         table, digits = result.get("cross_validation", result), {"roc_auc": 3, "mae": 2}[metric]
-        return " / ".join(f"{table[n][metric]:.{digits}f}" for n in names if n in table)
+        reference = table.get("reference_measured_atrophy")
+        return " / ".join(f"{table[n][metric]:.{digits}f}" for n in names) + (
+            "" if reference is None else f" ({reference[metric]:.{digits}f})")
 
     def shortest_gap(result, method):  # interpolate's figures per gap in months, keyed by the gap
         return result[method][min(result[method], key=float)]
+
+    def share_cell(summary):  # manipulate's concentration, where the cohort has label maps
+        if "ventricles_plus_hippocampus_share" not in summary:
+            return "no labels"
+        own = summary.get("subject_atrophy_ventricles_plus_hippocampus_share")
+        return f"{summary['ventricles_plus_hippocampus_share']:.0%}" + ("" if own is None else f" ({own:.0%})")
 
     rows.append(["stage-1 validation SSIM", f"{ldae.load_checkpoint(run.path / 'ae.pt')['val_ssim']:.3f}"])
     row("reconstruction SSIM: autoencoder / LDAE, DDIM-encoded z_T, 100 steps", "reconstruct",
@@ -1106,22 +1189,23 @@ def task_summary(run, cfg):
             **r["stage2b_loss"]))
     row("y_sem spread / magnitude / effective rank (test scans)", "reconstruct",
         lambda r: "{spread:.2f} / {magnitude:.2f} / {effective_rank:.1f}".format(**r["y_sem_spread"]))
-    row("AD vs CN ROC-AUC (5-fold where run with --folds): y_sem / untrained encoder / PCA / AE latent", "ad",
-        lambda r: probe(r, "roc_auc", ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_latent")))
-    row("age MAE, y (5-fold where run with --folds): y_sem / untrained encoder / PCA / mean age", "age",
-        lambda r: probe(r, "mae", ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_mean_age")))
+    row("AD vs CN ROC-AUC (5-fold with --folds): y_sem / untrained encoder / PCA / AE latent (measured atrophy)",
+        "ad", lambda r: probe(r, "roc_auc", ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_latent")))
+    row("age MAE, y (5-fold with --folds): y_sem / untrained encoder / PCA / mean age (measured atrophy)",
+        "age", lambda r: probe(r, "mae", ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_mean_age")))
     row("DDPM samples: SSIM / latent distance to the nearest training scan (test scans)", "sample",
         lambda r: "{:.3f} / {:.0f} ({:.3f} / {:.0f})".format(
             r["nearest_training_ssim"]["samples"], r["nearest_training_distance"]["samples"],
             r["nearest_training_ssim"]["test_scans"], r["nearest_training_distance"]["test_scans"]))
-    row("manipulation: p(AD) of the re-encoded edit monotonic in a; ventricles + hippocampus share of the change",
-        "manipulate", lambda r: "{:.0%}; {}".format(r["summary"]["monotonic_fraction"], (
-            f"{r['summary']['ventricles_plus_hippocampus_share']:.0%}"
-            if "ventricles_plus_hippocampus_share" in r["summary"] else "no labels")))
+    row("manipulation: p(AD) of the re-encoded edit monotonic in a; ventricles + hippocampus share of the change "
+        "(of the subjects' own atrophy)", "manipulate", lambda r: "{:.0%}; {}".format(
+            r["summary"]["monotonic_fraction"], share_cell(r["summary"])))
     row("interpolation, shortest gap, in the autoencoder's frame: LDAE / nearest visit, SSIM", "interpolate",
         lambda r: "{:.3f} / {:.3f} ({:g} months)".format(
             shortest_gap(r, "ldae_vs_autoencoder")["ssim"], shortest_gap(r, "nearest_visit_vs_autoencoder")["ssim"],
             min(map(float, r["ldae_vs_autoencoder"]))))
+    row("throughput, the most DDIM steps timed: LDAE / voxel-space DAE, s per volume (speed-up)", "throughput",
+        lambda r: "{ldae_s_per_volume:.2f} / {dae_s_per_volume:.2f} ({speedup:.1f}x, {steps} steps)".format(**r))
     return {"rows": rows, "missing": missing}
 
 

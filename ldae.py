@@ -600,7 +600,7 @@ PAPER_STAGE1 = dict(epochs=100, lr=5e-5, lr_d=1e-4, batch_size=1, accumulate=4, 
 PAPER_STAGE2 = dict(pretrain_epochs=500, repr_epochs=100, batch_size=16, accumulate=8, repr_batch_size=4,
                     repr_accumulate=4, lr=2.5e-5, repr_lr=2.5e-5, ema=0.999)
 CPU_STAGE1 = dict(epochs=4, lr=1e-3, lr_d=1e-4, batch_size=1, accumulate=1, adv_start=5.0)
-CPU_STAGE2 = dict(pretrain_epochs=40, repr_epochs=40, batch_size=16, accumulate=1, repr_batch_size=8,
+CPU_STAGE2 = dict(pretrain_epochs=40, repr_epochs=64, batch_size=16, accumulate=1, repr_batch_size=8,
                   repr_accumulate=1, lr=5e-4, repr_lr=5e-4, ema=0.99)
 
 PRESETS = {

@@ -43,6 +43,7 @@ class Config:
     clip: float = 1.0
     amp: str = "auto"  # auto | bf16 | fp16 | off
     val_steps: int = 10  # DDIM steps of the validation reconstruction
+    val_every: int = 4  # epochs between validations (and the log's validation lines); the last step always validates
     seed: int = 0
     save_every: int = 200
     resume: bool = False
@@ -225,14 +226,15 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
         running = total_loss if running is None else 0.95 * running + 0.05 * total_loss
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}")
-        if stage == "pretrain" and step % steps_per_epoch == 0 and rank == 0 and val_idx:
+        validating = rank == 0 and val_idx and (step == total or step % (steps_per_epoch * cfg.val_every) == 0)
+        if stage == "pretrain" and validating:
             torch.manual_seed(0)
             with torch.no_grad():
                 z0 = latents[val_idx].to(device)
                 loss = sum(diffusion.pretrain_loss(unet_ema, z0).item() for _ in range(16)) / 16
             log.write(step, val_loss=loss)
-            bar.write(f"epoch {step // steps_per_epoch}: validation loss {loss:.5f}")
-        if stage == "repr" and step % steps_per_epoch == 0 and rank == 0 and val_idx:
+            bar.write(f"epoch {step / steps_per_epoch:.4g}: validation loss {loss:.5f}")
+        if stage == "repr" and validating:
             if not cfg.oracle:
                 refresh_standardisation(encoder_ema, images, train_idx, batch_size, device)
             with torch.no_grad():
@@ -245,7 +247,7 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
                       **{f"y_sem_{k}": v for k, v in (spread or {}).items()})
             spread = "" if spread is None else ("y_sem spread {spread:.4f} of magnitude {magnitude:.4f}, effective "
                                                 "rank {effective_rank:.2f}; ".format(**spread))
-            bar.write(f"epoch {step // steps_per_epoch}: validation loss {loss:.5f} (another subject's y_sem: "
+            bar.write(f"epoch {step / steps_per_epoch:.4g}: validation loss {loss:.5f} (another subject's y_sem: "
                       f"{other:.5f}, {1 - loss / other:+.1%}), {spread}reconstruction SSIM ({cfg.val_steps} DDIM "
                       f"steps) {ssim:.4f}")
         if step % cfg.save_every == 0:

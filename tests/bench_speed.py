@@ -1,16 +1,19 @@
-"""Speed and memory of ldae's networks at one preset, batch 1, on this machine. A benchmark, not a test:
-pytest does not collect it, and it asserts nothing; it prints figures to compare across machines.
+"""Speed and memory of ldae's networks at one preset on this machine. A benchmark, not a test: pytest does not
+collect it, and it asserts nothing; it prints figures to compare across machines.
 
     python tests/bench_speed.py [--preset paper] [--memory] [--monai]
 
-Prints the machine's own Conv3d rate (float32, and bfloat16 where the hardware has it); autoencoder encode and
-decode and one latent UNet step in float32 and, where the hardware has it, in bfloat16 autocast; one
-autoencoder forward + backward (training precision) in FLOP/s against that peak; with --memory, the peak memory
-of one float32 training step of each stage, the autoencoder with and without activation checkpointing (CUDA:
-max_memory_allocated; CPU: the peak resident size of a fresh process running just that step).
+Prints the CPU model; the machine's own Conv3d rate over a few shapes and both layouts (float32, and bfloat16
+where the hardware has it), whose best is the peak; autoencoder encode and decode and one latent UNet step at
+batch 1 in float32 and, where the hardware has it, in bfloat16 autocast; one autoencoder forward + backward
+(training precision) against the peak; stage 2's training steps (at the CPU presets, and at any preset on a GPU);
+with --memory, the peak memory of one float32 training step of each stage, the autoencoder with and without
+activation checkpointing (CUDA: max_memory_allocated; CPU: the peak resident size of a fresh process running just
+that step).
 """
 import argparse
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -26,6 +29,7 @@ import evaluate  # noqa: E402
 import ldae  # noqa: E402
 
 STAGES = ("stage1", "stage1_checkpointing", "stage2a", "stage2b")
+PEAKS = {}  # dtype -> the machine's Conv3d FLOP/s, from machine_rate()
 
 
 def seconds(fn, repeats=2):
@@ -33,17 +37,33 @@ def seconds(fn, repeats=2):
     return evaluate.timed(fn, repeats, DEVICE)
 
 
+def machine_name():
+    """The CPU model (and the GPU's, where there is one), for the first line of every report."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
+        platform.processor()
+    gpu = f", {torch.cuda.get_device_name(DEVICE)}" if DEVICE.type == "cuda" else ""
+    return f"{cpu} ({os.cpu_count()} cores){gpu}"
+
+
+def machine_rate():
+    """The Conv3d rate over evaluate.CONV_SHAPES in float32 and, where the hardware has it, bfloat16; the best is
+    the peak every percentage here refers to."""
+    dtypes = [torch.float32] + ([torch.bfloat16] if DEVICE.type == "cuda" or ldae.cpu_has_bf16() else [])
+    for dtype in dtypes:
+        rates = evaluate.conv_rates(DEVICE, dtype)
+        name = str(dtype).replace("torch.", "")
+        PEAKS[name] = max(rates.values())
+        print(f"Conv3d 3x3x3, {name}: " + "; ".join(f"{k} {v / 1e9:.0f}" for k, v in rates.items()) + " GFLOP/s")
+    print("peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in PEAKS.items()))
+
+
 def speed(preset):
     ae = preset.autoencoder().to(DEVICE, memory_format=ldae.memory_format(DEVICE)).eval()  # as evaluate.py
     unet = preset.unet().to(DEVICE, memory_format=ldae.memory_format(DEVICE)).eval()
     x, z = torch.rand(1, 1, *preset.image_shape, device=DEVICE), torch.randn(1, *preset.latent_shape, device=DEVICE)
     t = torch.tensor([500], device=DEVICE)
-    peak = evaluate.conv_peak(DEVICE)
-    print(f"Conv3d 64->64 peak: float32 {peak / 1e9:.0f} GFLOP/s")
     has_bf16 = DEVICE.type == "cuda" or ldae.cpu_has_bf16()
-    if has_bf16:
-        peak = max(peak, evaluate.conv_peak(DEVICE, torch.bfloat16))
-        print(f"Conv3d 64->64 peak: bfloat16 {peak / 1e9:.0f} GFLOP/s")
     for amp in ("off", "bf16") if has_bf16 else ("off",):
         ctx, dtype = ldae.autocast(DEVICE, amp)
         with torch.no_grad(), ctx, ldae.heap_memory():  # as evaluate.py
@@ -54,7 +74,7 @@ def speed(preset):
     checkpointing = estimate_gib(preset, "stage1") > 0.9 * device_gib()  # else the step would not fit
     rate = evaluate.autoencoder_training_rate(preset, DEVICE, checkpointing=checkpointing)
     print(f"AE forward + backward (training precision{', checkpointing' if checkpointing else ''}): "
-          f"{rate / 1e9:.0f} GFLOP/s = {100 * rate / peak:.0f}% of the peak above")
+          f"{rate / 1e9:.0f} GFLOP/s = {100 * rate / max(PEAKS.values()):.0f}% of the peak")
 
 
 def monai_speed(preset):
@@ -89,6 +109,64 @@ def monai_speed(preset):
                      "AE decode": seconds(lambda: ae.decode(z)), "latent UNet step": seconds(lambda: unet(z, t))}
         print(f"MONAI {setup}: " + "   ".join(f"{name} {s:.3f} s" for name, s in times.items())
               + f"   (UNet {params:.0f} M parameters)")
+
+
+def stage2_steps(preset):
+    """Stage 2's training steps as train_ldae.py runs them (train mode, its autocast, Adam, EMA) at the preset's
+    batch sizes and twice them, in both layouts and on 1 thread and all of them; and the semantic encoder's
+    forward + backward alone. Seconds per step, scans per second, and GFLOP/s against the machine's peak."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    diffusion, (ctx, dtype) = ldae.Diffusion(), ldae.autocast(DEVICE, "auto")
+    batches = {"2a": preset.stage2["batch_size"], "2b": preset.stage2["repr_batch_size"]}
+    peak = max(PEAKS.values())
+    threads = torch.get_num_threads()
+    print(f"stage 2 training steps ({str(dtype).replace('torch.', '')}; GFLOP/s and % of the "
+          f"{peak / 1e9:.0f} GFLOP/s peak)")
+    # Stage 2b only in PyTorch's default layout (train_ldae.py's): in channels_last_3d its backward through the
+    # frozen eps_theta crashes the process (segmentation fault, torch 2.13 on the CPU, float32 and bfloat16 alike).
+    for stage, encoder_only in (("2a", False), ("2b", False), ("2b", True)):
+        for batch in (batches[stage], 2 * batches[stage]):
+            layouts = (torch.contiguous_format, torch.channels_last_3d) if stage == "2a" else (torch.contiguous_format,)
+            for layout in layouts:
+                torch.manual_seed(0)
+                unet, encoder = preset.unet().to(DEVICE).train(), preset.encoder().to(DEVICE).train()
+                if stage == "2b":
+                    unet.freeze_eps_theta()
+                unet = unet.to(memory_format=layout)
+                z0 = torch.randn(batch, *preset.latent_shape, device=DEVICE).contiguous(memory_format=layout)
+                x = torch.rand(batch, 1, *preset.image_shape, device=DEVICE)
+                if encoder_only:
+                    params = list(encoder.parameters())
+                    loss = lambda: encoder(x).float().square().mean()
+                elif stage == "2a":
+                    params = [p for p in unet.parameters() if p.requires_grad]
+                    loss = lambda: diffusion.pretrain_loss(unet, z0)
+                else:
+                    params = [p for p in unet.parameters() if p.requires_grad] + list(encoder.parameters())
+                    loss = lambda: diffusion.repr_loss(unet, encoder(x), z0)
+                ema = [p.detach().clone() for p in params]
+                opt = torch.optim.Adam(params, lr=1e-6)
+
+                def step():
+                    with ctx:
+                        value = loss()
+                    value.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    torch._foreach_lerp_(ema, [p.detach() for p in params], 0.01)
+                with FlopCounterMode(display=False) as counter:
+                    step()
+                flops = counter.get_total_flops()
+                cells = []
+                for n in sorted({1, threads}):
+                    torch.set_num_threads(n)
+                    s = seconds(step, 3)
+                    cells.append(f"{n} thread{'s' * (n > 1)} {s:.3f} s/step, {batch / s:.0f} scans/s, "
+                                 f"{flops / s / 1e9:.0f} GFLOP/s ({100 * flops / s / peak:.0f}%)")
+                torch.set_num_threads(threads)
+                name = "encoder f+b" if encoder_only else f"stage {stage}"
+                print(f"  {name:<11} batch {batch:>2} {str(layout).replace('torch.', ''):<17} " + "; ".join(cells))
 
 
 def stage_loss(preset, stage, device):
@@ -170,9 +248,12 @@ if __name__ == "__main__":
         peak, took = one_step(ldae.PRESETS[args.preset], args.step)
         print(f"{peak:.2f} GiB ({took:.0f} s)")
     else:
-        print(f"preset {args.preset}, batch 1, device {DEVICE}, {torch.get_num_threads()} threads, torch "
+        print(f"{machine_name()}; preset {args.preset}, device {DEVICE}, {torch.get_num_threads()} threads, torch "
               f"{torch.__version__}")
+        machine_rate()
         speed(ldae.PRESETS[args.preset])
+        if DEVICE.type == "cuda" or args.preset != "paper":  # paper-sized training batches take minutes on a CPU
+            stage2_steps(ldae.PRESETS[args.preset])
         if args.monai:
             monai_speed(ldae.PRESETS[args.preset])
         if args.memory:

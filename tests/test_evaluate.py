@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import ldae  # noqa: E402
 from conftest import load, run_script  # noqa: E402
-from evaluate import (Config, main, open_run, other_subject_partner, perfect_code_bound,  # noqa: E402
-                      stage2b_loss_by_y_sem, untrained_encoder, write_png)
+from evaluate import (Config, atrophy_reference, main, open_run, other_subject_partner,  # noqa: E402
+                      perfect_code_bound, stage2b_loss_by_y_sem, untrained_encoder, write_png)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the in-process calls: one thread, like the subprocesses
 
@@ -100,8 +100,8 @@ def test_ad_probe_refuses_a_test_split_without_ad(run, tmp_path):
 def test_ad_probe_scores_ldae_and_every_baseline(run):
     result = evaluate(run, "ad")
     assert result["n_train"] > 0 and result["n_test"] > 0 and result["positive_class"] == "AD"
-    for name in ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_latent"):
-        m = result[name]
+    for name in ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_latent", "reference_measured_atrophy"):
+        m = result[name]  # the synthetic cohort's table has the measured atrophy: the reference row is there
         for key in ("accuracy", "precision", "recall", "f1", "roc_auc"):
             assert 0.0 <= m[key] <= 1.0, (name, key, m[key])
     spread = result["y_sem_spread"]
@@ -124,7 +124,8 @@ def test_untrained_encoder_is_the_random_start_of_stage_2b(run):
 
 def test_age_probe_reports_finite_errors_in_years(run):
     result = evaluate(run, "age")
-    for name in ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_latent", "baseline_mean_age"):
+    for name in ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_latent", "baseline_mean_age",
+                 "reference_measured_atrophy"):
         m = result[name]
         assert math.isfinite(m["mae"]) and m["mae"] > 0 and m["rmse"] >= m["mae"]
     state = load(run / "ae.pt")
@@ -247,6 +248,40 @@ def test_manipulate_writes_volumes_in_scan_space_and_a_montage(run):
     assert summary["monotonic_fraction"] == float(p_ad[0] < p_ad[1] < p_ad[2])
     shares = [e["ventricles"]["difference_share"] + e["hippocampus"]["difference_share"] for e in result["scans"]]
     assert summary["ventricles_plus_hippocampus_share"] == pytest.approx(sum(shares) / 2)
+    assert result["alpha_unit"] == "groups" and result["alpha_unit_z"] == result["group_separation_z"]
+    atrophy = result["scans"][0]["subject_atrophy"]  # the tiny cohort's test subjects have 3 or 4 visits
+    assert atrophy["from"] == "M00" and atrophy["to"] != "M00"
+    assert_nifti_like(folder / atrophy["file"], input_scan(run, result["scans"][0]["subject"], "M00"))
+    share = atrophy["ventricles"]["difference_share"] + atrophy["hippocampus"]["difference_share"]
+    assert summary["subject_atrophy_ventricles_plus_hippocampus_share"] == pytest.approx(share)
+
+
+def test_atrophy_reference_finds_where_the_labels_changed(tmp_path):
+    """Two visits whose label maps differ only inside the first visit's ventricles (they shrink), or only in the
+    cortex: the reference puts most of the change in the ventricles in the first case and little in the second."""
+    shape, affine = (24, 24, 24), np.diag([2.0, 2.0, 2.0, 1.0])
+    first = np.zeros(shape, np.uint8)
+    first[2:-2, 2:-2, 2:-2] = data.GM
+    first[4:-4, 4:-4, 4:-4] = data.WM
+    first[8:16, 8:16, 8:16] = data.VENTRICLES
+    shrunk, thinner = first.copy(), first.copy()
+    shrunk[8:16, 8:16, 8:12] = data.WM
+    thinner[2:4, 2:-2, 2:-2] = data.CSF
+    shares = []
+    for last in (shrunk, thinner):
+        rows = []
+        for session, months, labels in (("M00", 0.0, first), ("M12", 12.0, last)):
+            path = tmp_path / f"labels_{session}.nii.gz"
+            nib.save(nib.Nifti1Image(labels, affine), str(path))
+            rows.append({"subject": "s", "session": session, "months": months, "labels": str(path)})
+        fake_run = SimpleNamespace(rows=rows[::-1], preset=SimpleNamespace(image_shape=shape, spacing=2.0),
+                                   ae_config={"clip_percentile": 0.0})
+        result = atrophy_reference(fake_run, "s", tmp_path)
+        assert (result["from"], result["to"]) == ("M00", "M12") and (tmp_path / result["file"]).exists()
+        shares.append(result["ventricles"]["difference_share"])
+    assert shares[0] > 0.6 and shares[1] < 0.05
+    rows[1]["labels"] = rows[0]["labels"]  # two identical label maps: no atrophy to refer to
+    assert atrophy_reference(fake_run, "s", tmp_path) is None
 
 
 def test_sample_scores_samples_test_scans_and_noise_against_the_nearest_training_scan(run):
@@ -312,9 +347,9 @@ def test_summary_collects_the_readme_rows_from_the_tasks_json(run):
         path.unlink()
     result = evaluate(run, "summary")
     assert [measure for measure, _ in result["rows"]] == ["stage-1 validation SSIM"]
-    assert any(c.endswith("--task sample") for c in result["missing"]) and len(result["missing"]) == 6
+    assert any(c.endswith("--task sample") for c in result["missing"]) and len(result["missing"]) == 7
     sample = evaluate(run, "sample", "--steps", 2, "--n-samples", 2)
     result = evaluate(run, "summary")
     cell = dict(result["rows"])["DDPM samples: SSIM / latent distance to the nearest training scan (test scans)"]
     assert cell.startswith(f"{sample['nearest_training_ssim']['samples']:.3f} / ")
-    assert len(result["missing"]) == 5
+    assert len(result["missing"]) == 6

@@ -1,6 +1,7 @@
 """Training stages end to end on the tiny preset: full runs, exact resume, frozen eps_theta in stage 2b,
 two processes, safe checkpoints, and a NaN loss that stops the run."""
 
+import csv
 import json
 import os
 import re
@@ -144,6 +145,18 @@ def test_stage_2b_keeps_its_last_ema_weights_with_standardisation_fitted_to_them
 
 
 # ----------------------------------------------------------------------------- processes and checkpoints
+
+def test_stage_2b_validates_every_val_every_epochs_and_at_its_last_step(ae_run, copy_run):
+    run = copy_run(ae_run)
+    assert run_cli("train_ldae.py", "--out", run, "--stage", "pretrain", *LDAE_FLAGS) == (0, "")
+    assert run_cli("train_ldae.py", "--out", run, "--stage", "repr", "--steps", "9", "--val-every", "2",
+                   "--val-steps", "2") == (0, "")
+    with open(run / "log.csv") as f:
+        validations = [r for r in csv.DictReader(f) if r["stage"] == "repr" and r["val_loss"]]
+    per_epoch = round(int(validations[0]["step"]) / float(validations[0]["epoch"]))
+    assert 2 * per_epoch < 9, "the cohort must give two validations before the last step"
+    assert [int(r["step"]) for r in validations] == [s for s in range(1, 10) if s % (2 * per_epoch) == 0 or s == 9]
+
 
 def test_two_process_gloo_run_writes_a_loadable_checkpoint(cohort, tmp_path):
     run = tmp_path / "run"
