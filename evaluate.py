@@ -246,6 +246,7 @@ class Run:
     preset: ldae.Preset
     ae_config: dict
     ldae_config: dict  # train_ldae.py's config of stage 2b
+    init_seed: int  # the seed stage 2 drew its networks' random start with (stage 2a's, when 2b ran with another)
     rows: list
     images: np.ndarray  # (N, 1, D, H, W) memory-mapped, rows' order
     latents: torch.Tensor  # (N, *latent_shape), the DDPM's z0 (ldae.scale_latent)
@@ -309,7 +310,8 @@ def open_run(cfg):
     print(f"{path}: preset {ae_cfg['preset']}, {len(rows)} scans, device {device}")
     layout = ldae.memory_format(device)
     ae, unet = ae.to(device, memory_format=layout).eval(), unet.to(device, memory_format=layout).eval()
-    return Run(path, preset, ae_cfg, state["config"], rows, images, latents, ae_state["latent_mean"],
+    init_seed = state.get("init_seed", state["config"]["seed"])  # checkpoints before init_seed: 2b's own seed
+    return Run(path, preset, ae_cfg, state["config"], init_seed, rows, images, latents, ae_state["latent_mean"],
                ae_state["latent_scale"], ae_state["split"], ae, unet, encoder.to(device).eval(), ldae.Diffusion(),
                device, amp, precision)
 
@@ -335,9 +337,10 @@ def semantic(run, indices, batch_size, desc="semantic encoder", encoder=None):
 
 def untrained_encoder(run):
     """The semantic encoder stage 2 started from: train_ldae.py seeds with its --seed, then builds the UNet and
-    the encoder, so doing the same here draws the same random weights. The global RNG is left as it was."""
+    the encoder (stage 2b started from stage 2a's, whatever its own --seed), so doing the same with that seed draws
+    the same random weights. The global RNG is left as it was."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(run.ldae_config["seed"])
+        torch.manual_seed(run.init_seed)
         run.preset.unet()
         return run.preset.encoder().to(run.device).eval()
 
@@ -527,6 +530,7 @@ def probe_features(run, y_sem, y_sem_untrained, train, test):
                 "baseline_pca": (pca_transform(train_voxels, mean, components),
                                  pca_transform(voxels(test), mean, components)),
                 "baseline_latent": (run.latents[train].flatten(1), run.latents[test].flatten(1))}
+
     def measured(idx):
         try:
             return torch.tensor([[float(run.rows[i][m]) for m in MEASURES] for i in idx])
@@ -834,6 +838,8 @@ def task_manipulate(run, cfg):
     interpolation back to the scan).
     """
     alphas = [float(a) for a in cfg.alphas.split(",")]
+    if cfg.alpha_unit not in ("groups", "sqrt_d"):
+        raise SystemExit(f"error: --alpha-unit {cfg.alpha_unit!r}: choose groups or sqrt_d")
     train, _ = ad_scans(run)
     y_train = semantic(run, train, cfg.batch_size).double()
     std = y_train.std(0, correction=0).clamp_min(1e-8)  # as standardize() does
@@ -844,8 +850,6 @@ def task_manipulate(run, cfg):
     along = y_train_n @ direction
     separation = float(along[is_ad == 1].mean() - along[is_ad == 0].mean())  # z-scored units
     units = {"groups": separation, "sqrt_d": math.sqrt(y_train.shape[1])}
-    if cfg.alpha_unit not in units:
-        raise SystemExit(f"error: --alpha-unit {cfg.alpha_unit!r}: choose groups or sqrt_d")
     step = units[cfg.alpha_unit] * std * direction  # one unit of a, in y units
     p_ad = lambda y: float(predict_logistic(standardize(y_train, y.double().cpu())[1], probe.w, probe.b)[0])
     out_dir = run.path / "eval" / "manipulate"

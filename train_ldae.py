@@ -107,10 +107,12 @@ def main(cfg):
 
     torch.manual_seed(cfg.seed)
     unet, encoder = preset.unet().to(device), preset.encoder().to(device)
+    init_seed = cfg.seed  # the seed of the networks' random start: evaluate.untrained_encoder draws it again
     todo = ["pretrain", "repr"] if cfg.stage == "all" else [cfg.stage]
     if state:
         unet.load_state_dict(state["unet"])
         encoder.load_state_dict(state["encoder"])
+        init_seed = state.get("init_seed", state["config"]["seed"])
         done = {("pretrain", True): ["pretrain"], ("repr", False): ["pretrain"], ("repr", True): ["pretrain", "repr"]}
         todo = [s for s in todo if s not in done.get((state["stage"], state["finished"]), [])]
     if todo[:1] == ["repr"] and (not state or state["stage"] == "pretrain" and not state["finished"]):
@@ -120,7 +122,7 @@ def main(cfg):
         print(f"{ckpt_path}: every stage asked for has finished")
     for stage in todo:
         state = train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, latents, train_idx, val_idx,
-                            rank, world, device)
+                            rank, world, device, init_seed)
         if state is None:  # interrupted
             break
     if world > 1:
@@ -129,7 +131,7 @@ def main(cfg):
 
 
 def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, latents, train_idx, val_idx,
-                rank, world, device):
+                rank, world, device, init_seed):
     """One stage, resumable. Returns the finished state, or None when stopped by a signal."""
     ckpt_path = Path(cfg.out) / "ldae.pt"
     diffusion = ldae.Diffusion()
@@ -179,7 +181,7 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
                 "stage": stage, "finished": finished,
                 "unet": unet.state_dict(), "unet_ema": unet_ema.state_dict(), "encoder": encoder.state_dict(),
                 "encoder_ema": encoder_ema.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "validation": validation, "config": asdict(cfg),
+                "step": step, "validation": validation, "config": asdict(cfg), "init_seed": init_seed,
                 "preset": ae_state["config"]["preset"],
                 "latent_scale": latent_scale}, ckpt_path)
 

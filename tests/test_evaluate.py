@@ -115,7 +115,7 @@ def test_untrained_encoder_is_the_random_start_of_stage_2b(run):
     start = weights(untrained_encoder(loaded))
     trained = weights(loaded.encoder)
     moved = max((trained[k].float() - v.float()).abs().max().item() for k, v in start.items())
-    torch.manual_seed(loaded.ldae_config["seed"] + 1)
+    torch.manual_seed(loaded.init_seed + 1)
     loaded.preset.unet()
     other = weights(loaded.preset.encoder())
     other_start = max((other[k].float() - v.float()).abs().max().item() for k, v in start.items())
@@ -254,6 +254,11 @@ def test_manipulate_writes_volumes_in_scan_space_and_a_montage(run):
     assert_nifti_like(folder / atrophy["file"], input_scan(run, result["scans"][0]["subject"], "M00"))
     share = atrophy["ventricles"]["difference_share"] + atrophy["hippocampus"]["difference_share"]
     assert summary["subject_atrophy_ventricles_plus_hippocampus_share"] == pytest.approx(share)
+
+
+def test_manipulate_refuses_an_unknown_step_unit(run):
+    with pytest.raises(SystemExit, match="--alpha-unit 'steps'"):
+        main(Config(task="manipulate", out=str(run), alpha_unit="steps"))
 
 
 def test_atrophy_reference_finds_where_the_labels_changed(tmp_path):

@@ -158,6 +158,19 @@ def test_stage_2b_validates_every_val_every_epochs_and_at_its_last_step(ae_run, 
     assert [int(r["step"]) for r in validations] == [s for s in range(1, 10) if s % (2 * per_epoch) == 0 or s == 9]
 
 
+def test_stage_2b_run_with_another_seed_keeps_the_seed_of_its_random_start(ae_run, copy_run):
+    """Stage 2b starts from stage 2a's networks, so the untrained-encoder baseline is drawn with 2a's seed."""
+    from evaluate import Config, open_run, untrained_encoder
+
+    run = copy_run(ae_run)
+    assert run_cli("train_ldae.py", "--out", run, "--stage", "pretrain", *LDAE_FLAGS) == (0, "")
+    start = load(run / "ldae.pt")["encoder"]
+    assert run_cli("train_ldae.py", "--out", run, "--stage", "repr", "--seed", "1", *LDAE_FLAGS) == (0, "")
+    assert load(run / "ldae.pt")["init_seed"] == 0
+    rebuilt = untrained_encoder(open_run(Config(out=str(run)))).state_dict()
+    assert all(torch.equal(v, start[k]) for k, v in rebuilt.items())
+
+
 def test_two_process_gloo_run_writes_a_loadable_checkpoint(cohort, tmp_path):
     run = tmp_path / "run"
     result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_ae.py",
