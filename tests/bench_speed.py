@@ -39,9 +39,10 @@ def seconds(fn, repeats=2):
 
 def machine_name():
     """The CPU model (and the GPU's, where there is one), for the first line of every report."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
-        platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")  # Linux; elsewhere what the platform module knows
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+              if line.startswith("model name")] if cpuinfo.exists() else []
+    cpu = models[0] if models else platform.processor()
     gpu = f", {torch.cuda.get_device_name(DEVICE)}" if DEVICE.type == "cuda" else ""
     return f"{cpu} ({os.cpu_count()} cores){gpu}"
 
