@@ -810,13 +810,14 @@ def atrophy_reference(run, subject, out_dir):
     visits = sorted((r for r in run.rows if r["subject"] == subject and r.get("labels")), key=lambda r: r["months"])
     if len(visits) < 2:
         return None
-    labels = [np.asanyarray(nib.load(r["labels"]).dataobj).astype(np.int64) for r in (visits[0], visits[-1])]
+    images = [nib.load(r["labels"]) for r in (visits[0], visits[-1])]
+    labels = [np.asanyarray(image.dataobj).astype(np.int64) for image in images]
     if (labels[0] == labels[1]).all():
         return None
     grid = []
-    for row, label_map in zip((visits[0], visits[-1]), labels):
+    for row, image, label_map in zip((visits[0], visits[-1]), images, labels):
         path = out_dir / f"{scan_name(row)}_noiseless.nii.gz"
-        nib.save(nib.Nifti1Image(data.noiseless_t1(label_map), nib.load(row["labels"]).affine), str(path))
+        nib.save(nib.Nifti1Image(data.noiseless_t1(label_map), image.affine), str(path))
         grid.append(data.load_scan(path, run.preset.image_shape, run.preset.spacing,
                                    run.ae_config["clip_percentile"] or None))
         path.unlink()

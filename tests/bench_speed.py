@@ -12,6 +12,7 @@ activation checkpointing (CUDA: max_memory_allocated; CPU: the peak resident siz
 that step).
 """
 import argparse
+import copy
 import os
 import platform
 import resource
@@ -113,8 +114,8 @@ def monai_speed(preset):
 
 
 def stage2_steps(preset):
-    """Stage 2's training steps as train_ldae.py runs them (train mode, its autocast, Adam, EMA) at the preset's
-    batch sizes and twice them, in both layouts and on 1 thread and all of them; and the semantic encoder's
+    """Stage 2's training steps as train_ldae.py runs them (train mode, its autocast, clipping, Adam, EMA) at the
+    preset's batch sizes and twice them, in both layouts and on 1 thread and all of them; and the semantic encoder's
     forward + backward alone. Seconds per step, scans per second, and GFLOP/s against the machine's peak."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -146,16 +147,18 @@ def stage2_steps(preset):
                 else:
                     params = [p for p in unet.parameters() if p.requires_grad] + list(encoder.parameters())
                     loss = lambda: diffusion.repr_loss(unet, encoder(x), z0)
-                ema = [p.detach().clone() for p in params]
+                unet_ema, encoder_ema = copy.deepcopy(unet), copy.deepcopy(encoder)
                 opt = torch.optim.Adam(params, lr=1e-6)
 
-                def step():
+                def step():  # train_ldae.train_stage's step, less data loading and logging
                     with ctx:
                         value = loss()
                     value.backward()
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-                    torch._foreach_lerp_(ema, [p.detach() for p in params], 0.01)
+                    ldae.update_ema(unet_ema, unet, 0.99, 100)
+                    ldae.update_ema(encoder_ema, encoder, 0.99, 100)
                 with FlopCounterMode(display=False) as counter:
                     step()
                 flops = counter.get_total_flops()
