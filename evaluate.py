@@ -227,7 +227,8 @@ class Config:
     scan: int = 0  # variations: which test scan
     clip_z0: float = 0.0  # clamp z0_hat to [-c, c] at every DDIM step (METHOD 5); 0: off
     batch_size: int = 4
-    folds: int = 0  # ad, age: also K-fold cross-validation over every scan, split by subject; 0: test split only
+    folds: int = None  # ad, age: also K-fold cross-validation over every scan, split by subject; by default 5
+    # where the cohort has 10 subjects or more (a test split of a few subjects is a noisy figure); 0: test split only
     dae_base: int = 32  # throughput: base channels of the voxel-space diffusion autoencoder
     repeats: int = 1  # throughput: timed volumes per setting (after one warm-up volume)
     amp: str = "auto"  # auto (see ldae.autocast) | bf16 | fp16 | off
@@ -560,8 +561,8 @@ def subject_folds(run, scans, k, seed):
 
 def probe_task(run, cfg, kind):
     """The y_sem probe beside three baselines fed to the same probe: y_sem of the untrained encoder, PCA of the
-    voxels, the flattened AE latent. Scored on the run's test split; with --folds K also by K-fold
-    cross-validation over every scan."""
+    voxels, the flattened AE latent. Scored on the run's test split, and by K-fold cross-validation over every
+    scan (--folds; 5 by default where the cohort has 10 subjects or more)."""
     if kind == "logistic":
         train, test = ad_scans(run)
         target = lambda idx: torch.tensor([float(run.rows[i]["diagnosis"] == "AD") for i in idx])
@@ -587,15 +588,18 @@ def probe_task(run, cfg, kind):
     result = scores(train, test) | {"n_train": len(train), "n_test": len(test),
                                     "pca_components": min(50, len(train) - 1),
                                     "y_sem_spread": ldae.spread_of(y_sem[test])}
-    if cfg.folds:
-        folds = subject_folds(run, scans, cfg.folds, cfg.seed)
+    k = cfg.folds
+    if k is None:
+        k = 5 if len({run.rows[i]["subject"] for i in scans}) >= 10 else 0
+    if k:
+        folds = subject_folds(run, scans, k, cfg.seed)
         per_fold = [scores([i for g in folds if g is not fold for i in g], fold)
                     for fold in tqdm(folds, desc="cross-validation")]
         headline = "roc_auc" if kind == "logistic" else "mae"
         result["cross_validation"] = {name: {metric: float(np.mean([f[name][metric] for f in per_fold]))
                                              for metric in per_fold[0][name] if metric != "l2"}
                                       for name in per_fold[0]}
-        result["cross_validation"] |= {"folds": cfg.folds, f"per_fold_{headline}": {
+        result["cross_validation"] |= {"folds": k, f"per_fold_{headline}": {
             name: [f[name][headline] for f in per_fold] for name in per_fold[0]}}
     return result
 
@@ -1159,13 +1163,13 @@ def task_summary(run, cfg):
     rows, missing = [], []
 
     def row(measure, task, cell):
-        command = f"python evaluate.py --out {run.path} --task {task}" + (" --folds 5" if task in ("ad", "age") else "")
+        command = f"python evaluate.py --out {run.path} --task {task}"
         if task in found:
             rows.append([measure, cell(found[task])])
         elif command not in missing:
             missing.append(command)
 
-    def probe(result, metric, names):  # the K-fold figures where the task ran with --folds, else the test split
+    def probe(result, metric, names):  # the K-fold figures where the task ran them, else the test split
         table, digits = result.get("cross_validation", result), {"roc_auc": 3, "mae": 2}[metric]
         reference = table.get("reference_measured_atrophy")
         return " / ".join(f"{table[n][metric]:.{digits}f}" for n in names) + (
@@ -1194,9 +1198,9 @@ def task_summary(run, cfg):
             **r["stage2b_loss"]))
     row("y_sem spread / magnitude / effective rank (test scans)", "reconstruct",
         lambda r: "{spread:.2f} / {magnitude:.2f} / {effective_rank:.1f}".format(**r["y_sem_spread"]))
-    row("AD vs CN ROC-AUC (5-fold with --folds): y_sem / untrained encoder / PCA / AE latent (measured atrophy)",
+    row("AD vs CN ROC-AUC (5-fold): y_sem / untrained encoder / PCA / AE latent (measured atrophy)",
         "ad", lambda r: probe(r, "roc_auc", ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_latent")))
-    row("age MAE, y (5-fold with --folds): y_sem / untrained encoder / PCA / mean age (measured atrophy)",
+    row("age MAE, y (5-fold): y_sem / untrained encoder / PCA / mean age (measured atrophy)",
         "age", lambda r: probe(r, "mae", ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_mean_age")))
     row("DDPM samples: SSIM / latent distance to the nearest training scan (test scans)", "sample",
         lambda r: "{:.3f} / {:.0f} ({:.3f} / {:.0f})".format(

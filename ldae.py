@@ -565,7 +565,8 @@ class Preset:
     unet_blocks: int
     unet_attention: tuple  # downsample factors with self-attention
     unet_heads: int
-    dropout: float
+    unet_dropout: float  # in the UNet's residual blocks (METHOD 3's 0.1); 0 where stage 2a is short
+    encoder_dropout: float  # after the slice position encoding (METHOD 4's 0.1)
     y_dim: int
     encoder_widths: tuple
     encoder_heads: int
@@ -587,10 +588,10 @@ class Preset:
 
     def unet(self):
         return UNet(self.latent_channels, self.unet_base, self.unet_mults, self.unet_blocks, self.unet_attention,
-                    self.unet_heads, self.dropout, self.y_dim, self.latent_shape[1:], self.v_output)
+                    self.unet_heads, self.unet_dropout, self.y_dim, self.latent_shape[1:], self.v_output)
 
     def encoder(self):
-        return SemanticEncoder(self.y_dim, self.encoder_widths, self.encoder_heads, self.dropout,
+        return SemanticEncoder(self.y_dim, self.encoder_widths, self.encoder_heads, self.encoder_dropout,
                                self.image_shape[:2] if self.encoder_flatten else None)
 
 
@@ -606,17 +607,19 @@ CPU_STAGE2 = dict(pretrain_epochs=40, repr_epochs=64, batch_size=16, accumulate=
 PRESETS = {
     "tiny": Preset(image_shape=(16, 20, 16), spacing=12.0, ae_channels=(8, 16), ae_blocks=1, latent_channels=3,
                    disc_channels=8, disc_layers=1, unet_base=16, unet_mults=(1, 2), unet_blocks=1,
-                   unet_attention=(2,), unet_heads=1, dropout=0.0, y_dim=16, encoder_widths=(8, 16),
-                   encoder_heads=2, encoder_flatten=True, v_output=True, stage1=CPU_STAGE1, stage2=CPU_STAGE2),
+                   unet_attention=(2,), unet_heads=1, unet_dropout=0.0, encoder_dropout=0.1, y_dim=16,
+                   encoder_widths=(8, 16), encoder_heads=2, encoder_flatten=True, v_output=True, stage1=CPU_STAGE1,
+                   stage2=CPU_STAGE2),
     "cpu": Preset(image_shape=(48, 64, 48), spacing=3.5, ae_channels=(16, 32, 64), ae_blocks=1, latent_channels=2,
                   disc_channels=16, disc_layers=3, unet_base=32, unet_mults=(1, 2, 2), unet_blocks=1,
-                  unet_attention=(4,), unet_heads=1, dropout=0.0, y_dim=128, encoder_widths=(16, 32, 64, 128),
-                  encoder_heads=8, encoder_flatten=True, v_output=True, stage1=CPU_STAGE1, stage2=CPU_STAGE2),
+                  unet_attention=(4,), unet_heads=1, unet_dropout=0.0, encoder_dropout=0.1, y_dim=128,
+                  encoder_widths=(16, 32, 64, 128), encoder_heads=8, encoder_flatten=True, v_output=True,
+                  stage1=CPU_STAGE1, stage2=CPU_STAGE2),
     "paper": Preset(image_shape=(128, 160, 128), spacing=1.5, ae_channels=(64, 128, 128, 128), ae_blocks=2,
                     latent_channels=3, disc_channels=64, disc_layers=3, unet_base=256, unet_mults=(1, 2, 3),
-                    unet_blocks=2, unet_attention=(2, 4), unet_heads=1, dropout=0.1, y_dim=768,
-                    encoder_widths=(64, 128, 256, 512), encoder_heads=8, encoder_flatten=False, v_output=False,
-                    stage1=PAPER_STAGE1, stage2=PAPER_STAGE2),
+                    unet_blocks=2, unet_attention=(2, 4), unet_heads=1, unet_dropout=0.1, encoder_dropout=0.1,
+                    y_dim=768, encoder_widths=(64, 128, 256, 512), encoder_heads=8, encoder_flatten=False,
+                    v_output=False, stage1=PAPER_STAGE1, stage2=PAPER_STAGE2),
 }
 
 

@@ -156,6 +156,16 @@ def test_estimator_learns_to_use_which_code_it_is_given():
     assert loss(codes) < 0.85 * loss(codes.roll(1, 0))
 
 
+def test_semantic_encoder_drops_slice_tokens_while_training_only():
+    """METHOD 4's dropout after the slice position encoding: in training two passes over the same batch differ
+    (the batch standardisation is the same for both), at inference they agree."""
+    torch.manual_seed(0)
+    encoder, x = ldae.PRESETS["tiny"].encoder(), torch.rand(4, 1, *ldae.PRESETS["tiny"].image_shape)
+    assert not torch.allclose(encoder(x), encoder(x))
+    encoder.eval()
+    assert torch.equal(encoder(x), encoder(x))
+
+
 def test_bfloat16_autocast_forward_is_finite():
     p = ldae.PRESETS["tiny"]
     ae, unet, enc = p.autoencoder(), p.unet(), p.encoder()
