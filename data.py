@@ -241,9 +241,14 @@ def load_scan(path, shape, spacing, clip_percentile=None):
         data = data[..., 0]
     if data.ndim != 3:
         raise DataError(f"{path}: shape {data.shape} is not a 3D volume; give one 3D T1w volume")
-    to_ras = nib.orientations.ornt_transform(nib.orientations.io_orientation(image.affine), RAS)
+    return to_grid(data, image.affine, shape, spacing, clip_percentile, path)
+
+
+def to_grid(data, affine, shape, spacing, clip_percentile=None, path="volume"):
+    """load_scan for a 3D array already in memory, with its voxel-to-world affine; path names it in errors."""
+    to_ras = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine), RAS)
     ras = nib.orientations.apply_orientation(data, to_ras)
-    ras_affine = image.affine @ nib.orientations.inv_ornt_aff(to_ras, data.shape)
+    ras_affine = affine @ nib.orientations.inv_ornt_aff(to_ras, data.shape)
     zooms = np.sqrt((ras_affine[:3, :3] ** 2).sum(0))
     # grid_mode: voxel edges (not centres) line up, so the field of view is kept exactly.
     resampled = ndimage.zoom(ras, zooms / spacing, order=1, mode="nearest", grid_mode=True)
@@ -266,7 +271,7 @@ def load_scan(path, shape, spacing, clip_percentile=None):
     volume = np.zeros(shape, np.float32)  # padding stays 0 after scaling
     volume[grid_part] = (np.clip(kept, low, high) - low) / (high - low)
 
-    meta = dict(path=str(path), affine=image.affine.tolist(), shape=list(data.shape),
+    meta = dict(path=str(path), affine=np.asarray(affine).tolist(), shape=list(data.shape),
                 to_ras=to_ras.tolist(), ras_shape=list(ras.shape), zooms=zooms.tolist(),
                 spacing=float(spacing), resampled_shape=list(resampled.shape), grid_shape=list(shape),
                 offsets=offsets, intensity_range=[low, high])
@@ -284,7 +289,8 @@ def _overlap(scan_shape, grid_shape, offsets):
 
 
 def save_like(volume, meta, path):
-    """Write a grid-space volume back on the scan's own voxel grid with its affine (overlays in viewers)."""
+    """Write a grid-space volume back on the scan's own voxel grid with its affine (overlays in viewers); returns
+    the written float32 array."""
     if torch.is_tensor(volume):
         volume = volume.detach().float().cpu().numpy()
     volume = np.asarray(volume, np.float32)
@@ -305,6 +311,7 @@ def save_like(volume, meta, path):
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     nib.save(image, str(path))
+    return image.get_fdata(dtype=np.float32)
 
 
 # -----------------------------------------------------------------------------

@@ -818,17 +818,13 @@ def atrophy_reference(run, subject, out_dir):
     labels = [np.asanyarray(image.dataobj).astype(np.int64) for image in images]
     if (labels[0] == labels[1]).all():
         return None
-    grid = []
-    for row, image, label_map in zip((visits[0], visits[-1]), images, labels):
-        path = out_dir / f"{scan_name(row)}_noiseless.nii.gz"
-        nib.save(nib.Nifti1Image(data.noiseless_t1(label_map), image.affine), str(path))
-        grid.append(data.load_scan(path, run.preset.image_shape, run.preset.spacing,
-                                   run.ae_config["clip_percentile"] or None))
-        path.unlink()
+    grid = [data.to_grid(data.noiseless_t1(label_map), image.affine, run.preset.image_shape, run.preset.spacing,
+                         run.ae_config["clip_percentile"] or None, row["labels"])
+            for row, image, label_map in zip((visits[0], visits[-1]), images, labels)]
     path = out_dir / f"{subject}_reference_difference.nii.gz"
-    data.save_like(grid[1][0] - grid[0][0], grid[0][1], path)
-    return concentration(np.asanyarray(nib.load(str(path)).dataobj), labels[0]) | {
-        "from": visits[0]["session"], "to": visits[-1]["session"], "file": path.name}
+    difference = data.save_like(grid[1][0] - grid[0][0], grid[0][1], path)
+    return concentration(difference, labels[0]) | {"from": visits[0]["session"], "to": visits[-1]["session"],
+                                                   "file": path.name}
 
 
 def task_manipulate(run, cfg):
