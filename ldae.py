@@ -811,21 +811,19 @@ def save_checkpoint(state, path):
     from pathlib import Path
 
     path = Path(path)
-    tmp, prev, moved = path.with_name(path.name + ".tmp"), path.with_suffix(".prev.pt"), False
+    tmp, prev = path.with_name(path.name + ".tmp"), path.with_suffix(".prev.pt")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        if path.exists():
-            os.replace(path, prev)
-            moved = True
+        if path.exists():  # a second name for the current file, so NAME.pt itself never goes missing
+            prev.unlink(missing_ok=True)
+            os.link(path, prev)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        if moved and not path.exists():  # the new one could not take its place: put the previous one back
-            os.replace(prev, path)
         raise CheckpointError(f"{path}: could not save the checkpoint ({e.strerror or e}); the previous one is "
                               f"unchanged. Free disk space or choose a writable --out.") from e
 

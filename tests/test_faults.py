@@ -267,11 +267,10 @@ def test_failed_save_says_why_and_keeps_the_previous_checkpoint(tmp_path, monkey
             raise failure
         monkeypatch.setattr(torch, "save", torch_save)
     else:
-        real_replace, calls = os.replace, []
+        real_replace = os.replace
 
-        def replace(src, dst):  # the old checkpoint moves to prev, then the new one cannot take its place
-            calls.append(dst)
-            if len(calls) == 2:
+        def replace(src, dst):  # the new checkpoint cannot take the old one's place
+            if Path(dst) == path:
                 raise failure
             real_replace(src, dst)
         monkeypatch.setattr(os, "replace", replace)
