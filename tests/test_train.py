@@ -194,7 +194,7 @@ def test_second_save_keeps_the_first_as_prev(tmp_path):
 
 
 @pytest.mark.parametrize("moment", ["half way through writing", "before keeping the old one as prev",
-                                    "between the two renames"])
+                                    "before the new one takes its place"])
 def test_a_kill_inside_save_leaves_a_loadable_checkpoint(tmp_path, monkeypatch, moment):
     path = tmp_path / "ae.pt"
     ldae.save_checkpoint({"step": 1, "w": torch.arange(1000.0)}, path)
@@ -204,14 +204,9 @@ def test_a_kill_inside_save_leaves_a_loadable_checkpoint(tmp_path, monkeypatch, 
             raise Killed
         monkeypatch.setattr(torch, "save", torch_save)
     else:
-        real_replace, replaces = os.replace, []
-
-        def replace(src, dst):
-            replaces.append(dst)
-            if len(replaces) == (1 if moment == "before keeping the old one as prev" else 2):
-                raise Killed
-            real_replace(src, dst)
-        monkeypatch.setattr(os, "replace", replace)
+        def killed(*args):
+            raise Killed
+        monkeypatch.setattr(os, "link" if moment == "before keeping the old one as prev" else "replace", killed)
     with pytest.raises(Killed):
         ldae.save_checkpoint({"step": 2, "w": torch.zeros(1000)}, path)
     monkeypatch.undo()
