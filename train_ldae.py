@@ -241,17 +241,18 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
                 refresh_standardisation(encoder_ema, images, train_idx, batch_size, device)
             with torch.no_grad():
                 y_sem = code(val_idx, encoder_ema)
-            loss, other, ssim = validate(diffusion, unet_ema, y_sem, decoder, (latent_mean, latent_scale), images,
-                                         latents, val_idx, cfg, device)
-            validation = {"step": step, "loss": loss, "other_subject_loss": other, "ssim": ssim}
+            loss, other, off, ssim = validate(diffusion, unet_ema, y_sem, decoder, (latent_mean, latent_scale),
+                                              images, latents, val_idx, cfg, device)
+            validation = {"step": step, "loss": loss, "other_subject_loss": other, "estimator_off_loss": off,
+                          "ssim": ssim}
             spread = ldae.spread_of(y_sem)
             log.write(step, val_loss=loss, val_other_subject_loss=other, val_ssim=ssim,
                       **{f"y_sem_{k}": v for k, v in (spread or {}).items()})
             spread = "" if spread is None else ("y_sem spread {spread:.4f} of magnitude {magnitude:.4f}, effective "
                                                 "rank {effective_rank:.2f}; ".format(**spread))
             bar.write(f"epoch {step / steps_per_epoch:.4g}: validation loss {loss:.5f} (another subject's y_sem: "
-                      f"{other:.5f}, {1 - loss / other:+.1%}), {spread}reconstruction SSIM ({cfg.val_steps} DDIM "
-                      f"steps) {ssim:.4f}")
+                      f"{other:.5f}, {1 - loss / other:+.1%}; estimator off: {off:.5f}), {spread}reconstruction SSIM "
+                      f"({cfg.val_steps} DDIM steps) {ssim:.4f}")
         if step % cfg.save_every == 0:
             checkpoint()
     bar.close()
@@ -296,19 +297,20 @@ def oracle_code(latents, train_idx, dim):
 
 @torch.no_grad()
 def validate(diffusion, unet, y_sem, ae, latent_stats, images, latents, indices, cfg, device):
-    """(loss, loss with another subject's y_sem, SSIM) on the validation scans, one per subject. The loss is
-    stage 2b's own objective with the same timesteps and noise at every call (4 draws per scan), so calls compare
-    like for like. The second loss rolls y_sem by one scan: the gap between the two is what the estimator takes
-    from y_sem. Nothing is picked by these figures: the run keeps its last EMA weights. Picking the lowest loss
-    kept the second of 8 epochs on the demo (own loss flat within noise while the gap grew from 1% to 4%), and
-    METHOD 4's best SSIM measures the autoencoder and the inversion more than y_sem.
+    """(loss, loss with another subject's y_sem, loss with the estimator off, SSIM) on the validation scans, one
+    per subject. The loss is stage 2b's own objective with the same timesteps and noise at every call (4 draws per
+    scan), so calls compare like for like. The second loss rolls y_sem by one scan: the gap between the two is what
+    the estimator takes from y_sem. The third is eps_theta's alone: below it, the estimator's correction helps on
+    scans it never trained on. Nothing is picked by these figures: the run keeps its last EMA weights. Picking the
+    lowest loss kept the second of 8 epochs on the demo (own loss flat within noise while the gap grew from 1% to
+    4%), and METHOD 4's best SSIM measures the autoencoder and the inversion more than y_sem.
     METHOD 4 picks by reconstruction SSIM, but with DDIM-encoded z_T that is bounded by the autoencoder and
     hardly moves with y_sem (0.825 vs 0.827 with the estimator off, 50 steps), while a few steps mostly measure
     inversion error, which grows as the estimator learns (0.614 vs 0.639 at 10 steps). The SSIM (x against
     its reconstruction from y_sem and the DDIM-encoded z_T, cfg.val_steps steps) is printed as the figure."""
     x, z0 = torch.tensor(images[indices]).to(device), latents[indices].to(device)
     losses = []
-    for y in (y_sem, y_sem.roll(1, 0)):
+    for y in (y_sem, y_sem.roll(1, 0), None):
         torch.manual_seed(0)  # training reseeds every step (step_seed)
         losses.append(sum(diffusion.repr_loss(unet, y, z0).item() for _ in range(4)) / 4)
     z_T = diffusion.ddim_encode(unet, z0, y_sem, cfg.val_steps)

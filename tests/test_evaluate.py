@@ -170,7 +170,8 @@ def test_reconstruct_scores_autoencoder_and_ldae_per_step_count(run):
         assert -1 < m["ssim"] <= 1 and -1 < m["ssim_brain"] <= 1, (name, m)
         assert m["mse"] >= 0 and m["n"] == n_test and not math.isnan(m["psnr"])
     losses = result["stage2b_loss"]
-    for name in ("own_y_sem", "next_scan_y_sem", "zero_y_sem", "other_subject_y_sem", "perfect_code_bound"):
+    for name in ("own_y_sem", "next_scan_y_sem", "zero_y_sem", "other_subject_y_sem", "estimator_off",
+                 "perfect_code_bound"):
         assert 0 < losses[name] < float("inf"), (name, losses)
     assert 0 <= losses["own_below_other_subject_fraction"] <= 1
     assert losses["mean_gap_other_minus_own"] == pytest.approx(losses["other_subject_y_sem"] - losses["own_y_sem"],
@@ -189,11 +190,15 @@ def test_stage2b_loss_by_y_sem_tells_an_estimator_that_ignores_y_sem_from_one_th
         y_sem = preset.encoder().eval()(torch.rand(4, 1, *preset.image_shape))
     z0 = torch.randn(4, *preset.latent_shape)
     unet = preset.unet().eval()
+    fresh = stage2b_loss_by_y_sem(SimpleNamespace(device=torch.device("cpu"), unet=unet, diffusion=ldae.Diffusion()),
+                                  z0, y_sem, seed=0)
+    assert fresh["own_y_sem"] == fresh["estimator_off"]  # zero-initialised head and route: G = 0 at the start
     for p in unet.parameters():  # give every zero-initialised layer weights, so G depends on y_sem
         if p.dim() > 1 and not p.any():
             torch.nn.init.normal_(p, std=0.1)
     partner = other_subject_partner(["a", "a", "b", "c"])
-    ignoring = SimpleNamespace(device=torch.device("cpu"), unet=lambda z, t, y: unet(z, t, torch.zeros_like(y)),
+    zeros = lambda y: None if y is None else torch.zeros_like(y)  # None: the estimator off
+    ignoring = SimpleNamespace(device=torch.device("cpu"), unet=lambda z, t, y: unet(z, t, zeros(y)),
                                diffusion=ldae.Diffusion())
     ignored = stage2b_loss_by_y_sem(ignoring, z0, y_sem, seed=0, partner=partner)
     assert ignored["own_y_sem"] == ignored["next_scan_y_sem"] == ignored["zero_y_sem"] == ignored[
@@ -201,8 +206,8 @@ def test_stage2b_loss_by_y_sem_tells_an_estimator_that_ignores_y_sem_from_one_th
     assert ignored["mean_gap_other_minus_own"] == 0 and ignored["own_below_other_subject_fraction"] == 0
     using = SimpleNamespace(device=torch.device("cpu"), unet=unet, diffusion=ldae.Diffusion())
     used = stage2b_loss_by_y_sem(using, z0, y_sem, seed=0, partner=partner)
-    names = ("own_y_sem", "next_scan_y_sem", "zero_y_sem", "other_subject_y_sem")
-    assert len({used[name] for name in names}) == 4, used
+    names = ("own_y_sem", "next_scan_y_sem", "zero_y_sem", "other_subject_y_sem", "estimator_off")
+    assert len({used[name] for name in names}) == 5, used
     assert used["mean_gap_other_minus_own"] == pytest.approx(used["other_subject_y_sem"] - used["own_y_sem"])
     assert "other_subject_y_sem" not in stage2b_loss_by_y_sem(using, z0, y_sem, seed=0)
 
