@@ -1194,6 +1194,9 @@ def task_summary(run, cfg):
         own = summary.get("subject_atrophy_ventricles_plus_hippocampus_share")
         return f"{summary['ventricles_plus_hippocampus_share']:.0%}" + ("" if own is None else f" ({own:.0%})")
 
+    def off_cell(losses):  # reconstruct.json files written before the estimator-off loss was added lack it
+        return f"{losses['estimator_off']:.5f}" if "estimator_off" in losses else "-"
+
     rows.append(["stage-1 validation SSIM", f"{ldae.load_checkpoint(run.path / 'ae.pt')['val_ssim']:.3f}"])
     row("reconstruction SSIM: autoencoder / LDAE, DDIM-encoded z_T, 100 steps", "reconstruct",
         lambda r: f"{r['autoencoder']['ssim']:.3f} / {r['ldae_S100']['ssim']:.3f}")
@@ -1201,9 +1204,8 @@ def task_summary(run, cfg):
     row("same z_T, own y_sem closer to the scan than another subject's", "reconstruct",
         lambda r: f"{r['random_zT_own_vs_other_subject']['own_better_fraction']:.0%} of scans")
     row("stage-2b loss, own / another subject's y_sem; scans where own is lower; estimator off", "reconstruct",
-        lambda r: "{own_y_sem:.5f} / {other_subject_y_sem:.5f}; {own_below_other_subject_fraction:.0%}; {off}".format(
-            **r["stage2b_loss"], off=f"{r['stage2b_loss']['estimator_off']:.5f}" if "estimator_off" in r[
-                "stage2b_loss"] else "-"))
+        lambda r: "{own_y_sem:.5f} / {other_subject_y_sem:.5f}; {own_below_other_subject_fraction:.0%}; ".format(
+            **r["stage2b_loss"]) + off_cell(r["stage2b_loss"]))
     row("that gap / what a perfect code could save", "reconstruct",
         lambda r: "{mean_gap_other_minus_own:.4f} / {perfect_code_bound:.4f} ({gap_over_bound:.0%})".format(
             **r["stage2b_loss"]))

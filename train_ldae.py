@@ -300,8 +300,9 @@ def validate(diffusion, unet, y_sem, ae, latent_stats, images, latents, indices,
     """(loss, loss with another subject's y_sem, loss with the estimator off, SSIM) on the validation scans, one
     per subject. The loss is stage 2b's own objective with the same timesteps and noise at every call (4 draws per
     scan), so calls compare like for like. The second loss rolls y_sem by one scan: the gap between the two is what
-    the estimator takes from y_sem. The third is eps_theta's alone: below it, the estimator's correction helps on
-    scans it never trained on. Nothing is picked by these figures: the run keeps its last EMA weights. Picking the
+    the estimator takes from y_sem. The third is eps_theta's alone (the same at every call, eps_theta being frozen;
+    four network calls, not worth keeping aside): below it, the estimator's correction helps on scans it never
+    trained on. Nothing is picked by these figures: the run keeps its last EMA weights. Picking the
     lowest loss kept the second of 8 epochs on the demo (own loss flat within noise while the gap grew from 1% to
     4%), and METHOD 4's best SSIM measures the autoencoder and the inversion more than y_sem.
     METHOD 4 picks by reconstruction SSIM, but with DDIM-encoded z_T that is bounded by the autoencoder and
