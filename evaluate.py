@@ -187,16 +187,12 @@ def pca_fit(X, k):
     n, d = X.shape
     mean = X.mean(0)
     centred = X - mean
+    eigenvalues, vectors = torch.linalg.eigh(centred @ centred.T if n < d else centred.T @ centred)
+    eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)  # descending
+    k = min(k, n - 1, int((eigenvalues > 1e-12 * eigenvalues[0]).sum()))
+    components = vectors[:, :k].T
     if n < d:  # X = U S V^T: X X^T = U S^2 U^T, and the components V^T = S^-1 U^T X
-        eigenvalues, vectors = torch.linalg.eigh(centred @ centred.T)
-        eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)  # descending
-        k = min(k, n - 1, int((eigenvalues > 1e-12 * eigenvalues[0]).sum()))
-        components = vectors[:, :k].T @ centred / eigenvalues[:k, None].sqrt()
-    else:
-        eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred)
-        eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)
-        k = min(k, n - 1)
-        components = vectors[:, :k].T
+        components = components @ centred / eigenvalues[:k, None].sqrt()
     return mean, components, eigenvalues[:k] / (n - 1)
 
 
