@@ -206,6 +206,12 @@ def regression_metrics(pred, target):
     return {"mae": float(error.abs().mean()), "rmse": float(error.square().mean().sqrt())}
 
 
+def r2_score(pred, target):
+    """1 - squared error / the target's variance: 1 for a perfect prediction, 0 for the target's mean."""
+    target = target.double().flatten()
+    return float(1 - (pred.double().flatten() - target).square().mean() / target.var(unbiased=False))
+
+
 def psnr(x, y, data_range=1.0):
     """Peak signal-to-noise ratio in dB over all elements: 10 log10(data_range^2 / MSE)."""
     mse = float((x.double() - y.double()).square().mean())
@@ -568,7 +574,9 @@ def subject_folds(run, scans, k, seed):
 def probe_task(run, cfg, kind):
     """The y_sem probe beside three baselines fed to the same probe: y_sem of the untrained encoder, PCA of the
     voxels, the flattened AE latent. Scored on the run's test split, and by K-fold cross-validation over every
-    scan (--folds; 5 by default where the cohort has 10 subjects or more)."""
+    scan (--folds; 5 by default where the cohort has 10 subjects or more). Where the cohort has measured structure
+    sizes, the age task also fits each size from each feature (same ridge probe) and reports R^2 as r2_<measure>:
+    which of the atrophy a feature carries."""
     if kind == "logistic":
         train, test = ad_scans(run)
         target = lambda idx: torch.tensor([float(run.rows[i]["diagnosis"] == "AD") for i in idx])
@@ -589,6 +597,13 @@ def probe_task(run, cfg, kind):
                for name, (X_fit, X_test) in features.items()}
         if kind == "ridge":  # the floor a feature has to beat: every test scan gets the mean training age
             out["baseline_mean_age"] = regression_metrics(torch.full_like(y_test, float(y_fit.mean())), y_test)
+        if kind == "ridge" and "reference_measured_atrophy" in features:  # what each feature carries of each size
+            m_fit, m_test = features.pop("reference_measured_atrophy")
+            for name, (X_fit, X_test) in features.items():
+                X_fit, X_test = standardize(X_fit.double(), X_test.double())
+                for j, measure in enumerate(MEASURES):
+                    probe = fit_probe("ridge", X_fit, m_fit[:, j].double(), groups)
+                    out[name][f"r2_{measure}"] = r2_score(predict_ridge(X_test, probe.w, probe.b), m_test[:, j])
         return out
 
     result = scores(train, test) | {"n_train": len(train), "n_test": len(test),
@@ -1190,6 +1205,13 @@ def task_summary(run, cfg):
         own = summary.get("subject_atrophy_ventricles_plus_hippocampus_share")
         return f"{summary['ventricles_plus_hippocampus_share']:.0%}" + ("" if own is None else f" ({own:.0%})")
 
+    def sizes_cell(result):  # the age task's R^2 of each measured size, where the cohort has them
+        table = result.get("cross_validation", result)
+        if "r2_cortex_thickness_mm" not in table["ldae"]:
+            return "no measured sizes"
+        r2 = lambda name: " / ".join(f"{table[name]['r2_' + m]:.2f}" for m in MEASURES)
+        return f"{r2('ldae')} ({r2('baseline_pca')})"
+
     def off_cell(losses):  # reconstruct.json files written before the estimator-off loss was added lack it
         return f"{losses['estimator_off']:.5f}" if "estimator_off" in losses else "-"
 
@@ -1211,6 +1233,8 @@ def task_summary(run, cfg):
         "ad", lambda r: probe(r, "roc_auc", ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_latent")))
     row("age MAE, y (5-fold): y_sem / untrained encoder / PCA / mean age (measured atrophy)",
         "age", lambda r: probe(r, "mae", ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_mean_age")))
+    row("measured sizes from y_sem, R^2 (5-fold): ventricles / hippocampi / cortex thickness (from PCA)", "age",
+        sizes_cell)
     row("DDPM samples: SSIM / latent distance to the nearest training scan (test scans)", "sample",
         lambda r: "{:.3f} / {:.0f} ({:.3f} / {:.0f})".format(
             r["nearest_training_ssim"]["samples"], r["nearest_training_distance"]["samples"],
