@@ -202,14 +202,11 @@ def pca_transform(X, mean, components):
 
 
 def regression_metrics(pred, target):
-    error = pred.double().flatten() - target.double().flatten()
-    return {"mae": float(error.abs().mean()), "rmse": float(error.square().mean().sqrt())}
-
-
-def r2_score(pred, target):
-    """1 - squared error / the target's variance: 1 for a perfect prediction, 0 for the target's mean."""
+    """MAE, RMSE and R^2 = 1 - MSE / the target's variance (1: perfect; 0: no better than the target's mean)."""
     target = target.double().flatten()
-    return float(1 - (pred.double().flatten() - target).square().mean() / target.var(unbiased=False))
+    error = pred.double().flatten() - target
+    return {"mae": float(error.abs().mean()), "rmse": float(error.square().mean().sqrt()),
+            "r2": float(1 - error.square().mean() / target.var(unbiased=False))}
 
 
 def psnr(x, y, data_range=1.0):
@@ -600,10 +597,9 @@ def probe_task(run, cfg, kind):
         if kind == "ridge" and "reference_measured_atrophy" in features:  # what each feature carries of each size
             m_fit, m_test = features.pop("reference_measured_atrophy")
             for name, (X_fit, X_test) in features.items():
-                X_fit, X_test = standardize(X_fit.double(), X_test.double())
                 for j, measure in enumerate(MEASURES):
-                    probe = fit_probe("ridge", X_fit, m_fit[:, j].double(), groups)
-                    out[name][f"r2_{measure}"] = r2_score(predict_ridge(X_test, probe.w, probe.b), m_test[:, j])
+                    fitted = probe_scores(kind, X_fit, m_fit[:, j], groups, X_test, m_test[:, j])
+                    out[name][f"r2_{measure}"] = fitted["r2"]
         return out
 
     result = scores(train, test) | {"n_train": len(train), "n_test": len(test),
