@@ -595,10 +595,10 @@ def probe_task(run, cfg, kind):
         if kind == "ridge":  # the floor a feature has to beat: every test scan gets the mean training age
             out["baseline_mean_age"] = regression_metrics(torch.full_like(y_test, float(y_fit.mean())), y_test)
         if kind == "ridge" and "reference_measured_atrophy" in features:  # what each feature carries of each size
-            m_fit, m_test = features.pop("reference_measured_atrophy")
+            sizes_fit, sizes_test = features.pop("reference_measured_atrophy")
             for name, (X_fit, X_test) in features.items():
                 for j, measure in enumerate(MEASURES):
-                    fitted = probe_scores(kind, X_fit, m_fit[:, j], groups, X_test, m_test[:, j])
+                    fitted = probe_scores(kind, X_fit, sizes_fit[:, j], groups, X_test, sizes_test[:, j])
                     out[name][f"r2_{measure}"] = fitted["r2"]
         return out
 
@@ -1203,7 +1203,7 @@ def task_summary(run, cfg):
 
     def sizes_cell(result):  # the age task's R^2 of each measured size, where the cohort has them
         table = result.get("cross_validation", result)
-        if "r2_cortex_thickness_mm" not in table["ldae"]:
+        if not all(f"r2_{m}" in table["ldae"] for m in MEASURES):
             return "no measured sizes"
         r2 = lambda name: " / ".join(f"{table[name]['r2_' + m]:.2f}" for m in MEASURES)
         return f"{r2('ldae')} ({r2('baseline_pca')})"
