@@ -1090,9 +1090,10 @@ def autoencoder_training_rate(preset, device, checkpointing=False):
 
     with torch.device("meta"), FlopCounterMode(display=False) as counter:
         preset.autoencoder()(torch.zeros(1, 1, *preset.image_shape))[0].abs().mean().backward()
-    ae = preset.autoencoder(checkpointing).to(device)
-    x = torch.rand(1, 1, *preset.image_shape, device=device)
-    ctx, _ = ldae.autocast(device, "auto")
+    ctx, dtype = ldae.autocast(device, "auto")
+    layout = ldae.memory_format(device, dtype)
+    ae = preset.autoencoder(checkpointing).to(device, memory_format=layout)
+    x = torch.rand(1, 1, *preset.image_shape, device=device).contiguous(memory_format=layout)
 
     def step():
         with ctx:

@@ -106,11 +106,12 @@ def main(cfg):
     total = cfg.steps or cfg.epochs * steps_per_epoch
 
     torch.manual_seed(cfg.seed)
-    ae = preset.autoencoder(cfg.checkpointing).to(device)  # default layout for training: see ldae.memory_format
-    disc = preset.discriminator().to(device)
+    amp_ctx, amp_dtype = ldae.autocast(device, cfg.amp)
+    layout = ldae.memory_format(device, amp_dtype)
+    ae = preset.autoencoder(cfg.checkpointing).to(device, memory_format=layout)
+    disc = preset.discriminator().to(device, memory_format=layout)
     opt = torch.optim.Adam(ae.parameters(), lr=cfg.lr)
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr_d)
-    amp_ctx, amp_dtype = ldae.autocast(device, cfg.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     step = 0
     if state:
@@ -145,7 +146,7 @@ def main(cfg):
         losses, total_loss, adversarial = {}, 0.0, step >= adv_start
         for micro in range(cfg.accumulate):
             ids = [train_idx[i] for i in batch_ids[micro * cfg.batch_size:(micro + 1) * cfg.batch_size]]
-            x = torch.tensor(images[ids]).to(device)
+            x = torch.tensor(images[ids]).to(device, memory_format=layout)
             with amp_ctx:
                 x_hat, mean, logvar = model(x)
                 x_hat = x_hat.float()

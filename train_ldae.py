@@ -149,11 +149,14 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
             module.requires_grad_(False)
         trainable = [p for p in unet.parameters() if p.requires_grad]
         batch_size, accumulate, epochs, lr = cfg.batch_size, cfg.accumulate, cfg.pretrain_epochs, cfg.lr
+    amp_ctx, amp_dtype = ldae.autocast(device, cfg.amp)
+    # Stage 2b's backward through the frozen eps_theta crashes in channels_last_3d: it keeps the default layout.
+    layout = ldae.memory_format(device, amp_dtype) if stage == "pretrain" else torch.contiguous_format
+    unet.to(memory_format=layout)
     unet_ema, encoder_ema = copy.deepcopy(unet).eval(), copy.deepcopy(encoder).eval()
     decoder = preset.autoencoder().to(device).eval()  # for the validation reconstructions
     decoder.load_state_dict(ae_state["model"])
     opt = torch.optim.Adam(trainable, lr=lr)
-    amp_ctx, amp_dtype = ldae.autocast(device, cfg.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     step, validation = 0, None  # stage 2b: the latest validation figures
     if resuming:
@@ -203,7 +206,7 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
         total_loss = 0.0
         for micro in range(accumulate):
             ids = [train_idx[i] for i in batch_ids[micro * batch_size:(micro + 1) * batch_size]]
-            z0 = latents[ids].to(device)
+            z0 = latents[ids].to(device, memory_format=layout)
             with amp_ctx:
                 if stage == "pretrain":
                     loss = diffusion.pretrain_loss(unet_run, z0)
@@ -232,7 +235,7 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
         if stage == "pretrain" and validating:
             torch.manual_seed(0)
             with torch.no_grad():
-                z0 = latents[val_idx].to(device)
+                z0 = latents[val_idx].to(device, memory_format=layout)
                 loss = sum(diffusion.pretrain_loss(unet_ema, z0).item() for _ in range(16)) / 16
             log.write(step, val_loss=loss)
             bar.write(f"epoch {step / steps_per_epoch:.4g}: validation loss {loss:.5f}")

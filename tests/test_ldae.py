@@ -204,6 +204,26 @@ def test_conv3d_on_onednn_matches_the_reference_convolution(stride):
         assert conv(x).dtype == torch.bfloat16
 
 
+def test_float32_training_layout_changes_the_speed_not_the_step():
+    cpu = torch.device("cpu")
+    layout = ldae.memory_format(cpu, torch.float32)
+    assert layout == torch.channels_last_3d and ldae.memory_format(cpu, torch.bfloat16) == torch.contiguous_format
+    p = ldae.PRESETS["tiny"]
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, *p.image_shape)
+    reference = p.autoencoder()
+    ae = p.autoencoder().to(memory_format=layout)
+    ae.load_state_dict(reference.state_dict())
+    grads = []
+    for model, image in ((reference, x), (ae, x.contiguous(memory_format=layout))):
+        mean, logvar = model.encode(image)
+        x_hat = model.decode(mean + torch.exp(0.5 * logvar))  # a fixed "sample": randn_like follows the layout
+        loss = (x_hat - image).abs().mean() + 1 - ldae.ssim3d(x_hat, image).mean()
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))]))
+    assert ae.encoder[0].weight.is_contiguous(memory_format=layout)  # the layout was really taken
+    assert (grads[1] - grads[0]).abs().max() < 1e-5 * grads[0].abs().max()
+
+
 def test_explicit_precisions_and_a_bad_one():
     cpu = torch.device("cpu")
     assert ldae.autocast(cpu, "bf16")[1] == torch.bfloat16 and ldae.autocast(cpu, "off")[1] == torch.float32
