@@ -664,7 +664,8 @@ def task_reconstruct(run, cfg):
             ssim_other_subject += ldae.ssim3d(ddim_decode(run, z_T, y_other, max(steps), cfg.clip_z0), x).tolist()
     result = {name: mean_metrics(m) for name, m in per_scan.items()}
     losses = stage2b_loss_by_y_sem(run, run.latents[indices], y_sem, cfg.seed, partner)
-    losses["perfect_code_bound"] = perfect_code_bound(run.latents[run.indices("train")], run.diffusion)
+    # how much a y_sem that knew each latent exactly could save, on a Gaussian model of the training latents
+    losses["perfect_code_bound"] = float(run.diffusion.code_saving(run.latents[run.indices("train")]).mean())
     if partner:
         gap, bound = losses["mean_gap_other_minus_own"], losses["perfect_code_bound"]
         losses["gap_over_bound"] = gap / bound if bound > 0 else None
@@ -691,26 +692,6 @@ def other_subject_partner(subjects):
         others = scans_of[next_subject[s]]
         partner.append(others[scans_of[s].index(p) % len(others)])
     return partner
-
-
-def perfect_code_bound(train_latents, diffusion):
-    """How much a y_sem that knew each latent exactly could lower stage 2b's loss, were the latents Gaussian with
-    the covariance of train_latents (N, *latent_shape); the scale for the gap between own and other y_sem.
-
-    Along a direction of variance lam, z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps. The best prediction of eps
-    from z_t alone (eps_theta without y) errs by Var(eps | z_t) = snr_t lam / (snr_t lam + 1); with a y that
-    knows z0, eps = (z_t - sqrt(abar_t) z0) / sqrt(1 - abar_t) exactly: error 0. The loss is a mean over latent
-    elements and uniform t, weighted by w_t, so the bound is mean_t w_t sum_j snr_t lam_j / (snr_t lam_j + 1)
-    / elements. A trained eps_theta is not the Gaussian-optimal predictor and real latents are not Gaussian:
-    a scale, not a strict limit. Directions the N training latents do not span count as 0.
-    """
-    flat = train_latents.flatten(1).double()  # (N, elements)
-    n, elements = flat.shape
-    centred = flat - flat.mean(0)
-    lam = torch.linalg.eigvalsh(centred @ centred.T / (n - 1)).clamp_min(0)  # the covariance's nonzero eigenvalues
-    snr = diffusion.snr[:, None]  # (T, 1)
-    saving = (snr * lam / (snr * lam + 1)).sum(1) / elements  # (T,)
-    return float((diffusion.w * saving).mean())
 
 
 @torch.no_grad()

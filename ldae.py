@@ -429,8 +429,12 @@ class Diffusion:
         """z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps (METHOD 0)."""
         return self.at(self.abar.sqrt(), t, z0) * z0 + self.at((1 - self.abar).sqrt(), t, z0) * eps
 
-    def noised(self, z0):
-        t = torch.randint(0, self.T, (z0.shape[0],), device=z0.device)
+    def noised(self, z0, t_probs=None):
+        """(t, eps, z_t): t uniform over 0..T-1, or drawn from the probabilities t_probs (T,)."""
+        if t_probs is None:
+            t = torch.randint(0, self.T, (z0.shape[0],), device=z0.device)
+        else:
+            t = torch.multinomial(t_probs, z0.shape[0], replacement=True).to(z0.device)
         eps = torch.randn_like(z0)
         return t, eps, self.q_sample(z0, t, eps)
 
@@ -440,17 +444,46 @@ class Diffusion:
         eps_theta, _ = unet(z_t, t)
         return F.mse_loss(eps_theta.float(), eps)
 
-    def repr_loss(self, unet, y_sem, z0):
+    def repr_loss(self, unet, y_sem, z0, t_probs=None):
         """Stage 2b: mean(w_t (eps - eps_theta - k_t G_psi)^2) with eps_theta frozen (METHOD 4); y_sem = Enc(x)."""
-        return self.repr_loss_per_scan(unet, y_sem, z0).mean()
+        return self.repr_loss_per_scan(unet, y_sem, z0, t_probs).mean()
 
-    def repr_loss_per_scan(self, unet, y_sem, z0):
+    def repr_loss_per_scan(self, unet, y_sem, z0, t_probs=None):
         """Stage 2b's loss of each scan (B,): one draw of (t, eps) per scan, averaged over its latent elements.
-        y_sem None: the estimator off (eps_hat = eps_theta), the loss stage 2b starts from."""
-        t, eps, z_t = self.noised(z0)
+        y_sem None: the estimator off (eps_hat = eps_theta), the loss stage 2b starts from. With t drawn from
+        t_probs instead of uniformly, each draw is weighted by 1 / (T p_t): the expected loss stays the same."""
+        t, eps, z_t = self.noised(z0, t_probs)
         eps_theta, g = unet(z_t, t, y_sem)
         eps_hat = eps_theta.float() if g is None else eps_theta.float() + self.at(self.k, t, z0) * g.float()
-        return (self.at(self.w, t, z0) * (eps - eps_hat) ** 2).flatten(1).mean(1)
+        w = self.w if t_probs is None else self.w / (self.T * t_probs.double().cpu())
+        return (self.at(w, t, z0) * (eps - eps_hat) ** 2).flatten(1).mean(1)
+
+    def code_saving(self, latents):
+        """(T,) how much a y_sem that knew each latent exactly could lower stage 2b's loss at each t, were the
+        latents Gaussian with the covariance of `latents` (N, *latent_shape). Its mean over t is the scale for the
+        gap between own and other y_sem (evaluate.py's perfect-code bound).
+
+        Along a direction of variance lam, z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps. The best prediction of eps
+        from z_t alone (eps_theta without y) errs by Var(eps | z_t) = snr_t lam / (snr_t lam + 1); with a y that
+        knows z0, eps = (z_t - sqrt(abar_t) z0) / sqrt(1 - abar_t) exactly: error 0. The loss is a mean over latent
+        elements weighted by w_t: the saving at t is w_t sum_j snr_t lam_j / (snr_t lam_j + 1) / elements. A trained
+        eps_theta is not the Gaussian-optimal predictor and real latents are not Gaussian: a scale, not a strict
+        limit. Directions the N latents do not span count as 0.
+        """
+        flat = latents.flatten(1).double()  # (N, elements)
+        n, elements = flat.shape
+        centred = flat - flat.mean(0)
+        lam = torch.linalg.eigvalsh(centred @ centred.T / (n - 1)).clamp_min(0)  # the covariance's nonzero eigenvalues
+        snr = self.snr[:, None]  # (T, 1)
+        return self.w * (snr * lam / (snr * lam + 1)).sum(1) / elements
+
+    def code_focused_t(self, latents):
+        """Stage 2b's t distribution (T,): half uniform, half in proportion to code_saving(latents), so a step
+        spends its draws where y_sem can lower the loss (on the cpu demo 80% of the saving lies in t = 150-570)
+        and no draw's weight 1 / (T p_t) exceeds 2. Uniform when the latents do not vary."""
+        saving = self.code_saving(latents)
+        share = saving / saving.sum() if saving.sum() > 0 else torch.full_like(saving, 1 / self.T)
+        return (0.5 / self.T + 0.5 * share).float()
 
     def ddim_step(self, unet, z, t, t_next, y_sem=None, clip_z0=None):
         """One deterministic DDIM move of z from timestep t to t_next (either direction; t_next = -1 is the

@@ -48,6 +48,7 @@ class Config:
     save_every: int = 200
     resume: bool = False
     oracle: bool = False  # diagnostic: stage 2b trains the estimator on an oracle code instead of the encoder
+    t_sampling: str = "uniform"  # stage 2b's t: uniform (METHOD 4) | code (more where y_sem can save; same loss)
 
 
 def open_run(cfg):
@@ -74,6 +75,8 @@ def main(cfg):
     ckpt_path = run / "ldae.pt"
     if cfg.stage not in ("pretrain", "repr", "all"):
         raise SystemExit(f"--stage {cfg.stage!r}: choose pretrain, repr or all")
+    if cfg.t_sampling not in ("code", "uniform"):
+        raise SystemExit(f"--t-sampling {cfg.t_sampling!r}: choose code or uniform")
     if cfg.repr_batch_size is not None and cfg.repr_batch_size < 2:
         raise SystemExit(f"--repr-batch-size {cfg.repr_batch_size}: y_sem is standardised over the batch, which "
                          f"needs 2 scans or more per process; use --repr-accumulate for a larger batch instead")
@@ -172,6 +175,11 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
     steps_per_epoch = max(1, len(train_idx) // per_step)
     total = cfg.steps or epochs * steps_per_epoch
     latent_mean, latent_scale = ae_state["latent_mean"], ae_state["latent_scale"]
+    # --t-sampling code: stage 2b draws half its timesteps where a perfect code would save the most and weights each
+    # by 1 / (T p_t): METHOD 4's objective, with more of each step's draws where y_sem matters (docs/design.md).
+    t_probs = None
+    if stage == "repr" and cfg.t_sampling == "code":
+        t_probs = diffusion.code_focused_t(latents[train_idx]).to(device)
     if cfg.oracle:
         oracle = oracle_code(latents, train_idx, preset.y_dim)
         code = lambda ids, enc: oracle(latents[ids]).to(device)
@@ -211,7 +219,7 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
                 if stage == "pretrain":
                     loss = diffusion.pretrain_loss(unet_run, z0)
                 else:
-                    loss = diffusion.repr_loss(unet_run, code(ids, encoder_run), z0)
+                    loss = diffusion.repr_loss(unet_run, code(ids, encoder_run), z0, t_probs)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step} of {name}: the last good "
                                          f"checkpoint {ckpt_path} is kept; lower --lr or use --amp off")

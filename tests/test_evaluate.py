@@ -19,7 +19,7 @@ import data  # noqa: E402
 import ldae  # noqa: E402
 from conftest import load, run_script  # noqa: E402
 from evaluate import (Config, atrophy_reference, main, open_run, other_subject_partner,  # noqa: E402
-                      perfect_code_bound, stage2b_loss_by_y_sem, untrained_encoder, write_png)
+                      stage2b_loss_by_y_sem, untrained_encoder, write_png)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the in-process calls: one thread, like the subprocesses
 
@@ -224,18 +224,6 @@ def test_other_subject_partner_never_pairs_two_scans_of_one_subject():
     pairs = {(s, subjects[q]) for s, q in zip(subjects, partner)}
     assert sorted(t for _, t in pairs) == sorted(set(subjects))  # one partner subject each: a derangement
     assert other_subject_partner(["a", "a", "a"]) is None
-
-
-def test_perfect_code_bound_matches_the_gaussian_saving_by_hand():
-    diffusion = ldae.Diffusion()
-    assert perfect_code_bound(torch.ones(5, 3, 2, 2, 2), diffusion) == 0.0  # identical latents: nothing to know
-    z = torch.tensor([[-1.0], [1.0]])  # one element, variance 2 (n - 1 = 1)
-    by_hand = sum(float(diffusion.w[t]) * 2 * float(diffusion.snr[t]) / (2 * float(diffusion.snr[t]) + 1)
-                  for t in range(diffusion.T)) / diffusion.T
-    assert perfect_code_bound(z, diffusion) == pytest.approx(by_hand, rel=1e-9)
-    assert perfect_code_bound(torch.cat([z, torch.zeros(2, 1)], 1), diffusion) == pytest.approx(by_hand / 2)
-    latents = torch.randn(6, 3, 2, 2, 2, generator=torch.Generator().manual_seed(0))
-    assert 0 < perfect_code_bound(latents, diffusion) < perfect_code_bound(3 * latents, diffusion) < 1
 
 
 def test_manipulate_writes_volumes_in_scan_space_and_a_montage(run):

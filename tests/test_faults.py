@@ -244,6 +244,11 @@ def test_train_ldae_before_stage_1_says_to_run_it(ae_run, tmp_path):
     assert code == 1 and "stage 1 has not finished" in message and "train_ae.py" in message
 
 
+def test_train_ldae_refuses_an_unknown_t_sampling_naming_the_choices(tmp_path):
+    code, message = run_cli("train_ldae.py", "--out", tmp_path, "--t-sampling", "random")
+    assert code == 1 and "--t-sampling 'random'" in message and "code or uniform" in message
+
+
 def test_resume_refuses_an_ldae_pt_made_for_another_preset(ldae_run, copy_run):
     run = copy_run(ldae_run)
     state = load(run / "ldae.pt")

@@ -156,6 +156,39 @@ def test_estimator_learns_to_use_which_code_it_is_given():
     assert loss(codes) < 0.85 * loss(codes.roll(1, 0))
 
 
+def test_code_saving_matches_the_gaussian_saving_by_hand():
+    d = ldae.Diffusion()
+    assert d.code_saving(torch.ones(5, 3, 2, 2, 2)).abs().max() == 0  # identical latents: nothing to know
+    z = torch.tensor([[-1.0], [1.0]])  # one element, variance 2 (n - 1 = 1)
+    t = torch.arange(d.T)
+    by_hand = d.w[t] * 2 * d.snr[t] / (2 * d.snr[t] + 1)
+    assert torch.allclose(d.code_saving(z), by_hand, rtol=1e-9, atol=0)
+    assert torch.allclose(d.code_saving(torch.cat([z, torch.zeros(2, 1)], 1)), by_hand / 2, rtol=1e-9, atol=0)
+    latents = torch.randn(6, 3, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    assert 0 < d.code_saving(latents).mean() < d.code_saving(3 * latents).mean() < 1
+
+
+def test_code_focused_t_keeps_the_expected_loss_and_draws_where_a_code_saves():
+    """Stage 2b's t distribution: half uniform, half where code_saving is; each draw weighted by 1 / (T p_t).
+    With eps_theta = G = 0 the loss at t is w_t |eps|^2, so any t distribution must average to mean(w)."""
+    d = ldae.Diffusion()
+    latents = torch.randn(12, 2, 3, 4, 3, generator=torch.Generator().manual_seed(0))
+    probs = d.code_focused_t(latents)
+    assert probs.sum().item() == pytest.approx(1.0, abs=1e-5) and probs.min() >= 0.5 / d.T
+    assert probs.argmax() == d.code_saving(latents).argmax() and probs.max() > 1.5 / d.T
+    assert torch.allclose(d.code_focused_t(torch.ones(3, 2, 2)), torch.full((d.T,), 1 / d.T))  # nothing to know
+
+    def zero_unet(z, t, y_sem):
+        return torch.zeros_like(z), torch.zeros_like(z)
+
+    low_t = torch.cat([torch.full((100,), 0.6 / 100), torch.full((d.T - 100,), 0.4 / (d.T - 100))])
+    assert d.w[torch.multinomial(low_t, 100_000, replacement=True)].mean() < 0.6 * d.w.mean()  # unweighted: far off
+    torch.manual_seed(0)
+    z0 = torch.zeros(100_000, 1, 2, 2, 2)
+    for t_probs in (None, probs, low_t):
+        assert d.repr_loss(zero_unet, None, z0, t_probs).item() == pytest.approx(d.w.mean().item(), rel=0.03)
+
+
 def test_semantic_encoder_drops_slice_tokens_while_training_only():
     """METHOD 4's dropout after the slice position encoding: in training two passes over the same batch differ
     (the batch standardisation is the same for both), at inference they agree."""

@@ -98,14 +98,15 @@ def test_stage_2_interrupted_in_each_stage_then_resumed_equals_the_uninterrupted
         assert_identical(resumed[key], one_go[key], key)
 
 
-def test_stage_2b_leaves_eps_theta_at_the_stage_2a_ema_weights(ae_run, copy_run):
+@pytest.mark.parametrize("t_sampling", ["uniform", "code"])
+def test_stage_2b_leaves_eps_theta_at_the_stage_2a_ema_weights(ae_run, copy_run, t_sampling):
     run = copy_run(ae_run)
     assert run_cli("train_ldae.py", "--out", run, "--stage", "pretrain", *LDAE_FLAGS) == (0, "")
     pretrained = load(run / "ldae.pt")
     assert pretrained["stage"] == "pretrain" and pretrained["finished"]
-    assert run_cli("train_ldae.py", "--out", run, "--stage", "repr", *LDAE_FLAGS) == (0, "")
+    assert run_cli("train_ldae.py", "--out", run, "--stage", "repr", "--t-sampling", t_sampling, *LDAE_FLAGS) == (0, "")
     trained = load(run / "ldae.pt")
-    assert trained["stage"] == "repr" and trained["finished"]
+    assert trained["stage"] == "repr" and trained["finished"] and trained["config"]["t_sampling"] == t_sampling
 
     ema = pretrained["unet_ema"]
     eps_theta = [k for k in ema if not k.startswith(("estimator.", "y_"))]
