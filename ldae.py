@@ -455,8 +455,10 @@ class Diffusion:
         t, eps, z_t = self.noised(z0, t_probs)
         eps_theta, g = unet(z_t, t, y_sem)
         eps_hat = eps_theta.float() if g is None else eps_theta.float() + self.at(self.k, t, z0) * g.float()
-        w = self.w if t_probs is None else self.w / (self.T * t_probs.double().cpu())
-        return (self.at(w, t, z0) * (eps - eps_hat) ** 2).flatten(1).mean(1)
+        weight = self.at(self.w, t, z0)
+        if t_probs is not None:
+            weight = weight / (self.T * t_probs[t].reshape(weight.shape))
+        return (weight * (eps - eps_hat) ** 2).flatten(1).mean(1)
 
     def code_saving(self, latents):
         """(T,) how much a y_sem that knew each latent exactly could lower stage 2b's loss at each t, were the
