@@ -48,6 +48,7 @@ class Config:
     save_every: int = 200
     resume: bool = False
     oracle: bool = False  # diagnostic: stage 2b trains the estimator on an oracle code instead of the encoder
+    oracle_columns: str = ""  # with --oracle: the code is these participants-table columns (comma-separated)
     t_sampling: str = "uniform"  # stage 2b's t: uniform (METHOD 4) | code (more where y_sem can save; same loss)
 
 
@@ -77,6 +78,8 @@ def main(cfg):
         raise SystemExit(f"--stage {cfg.stage!r}: choose pretrain, repr or all")
     if cfg.t_sampling not in ("code", "uniform"):
         raise SystemExit(f"--t-sampling {cfg.t_sampling!r}: choose code or uniform")
+    if cfg.oracle_columns and not cfg.oracle:
+        raise SystemExit("--oracle-columns names the columns of an oracle code: pass --oracle with it")
     if cfg.repr_batch_size is not None and cfg.repr_batch_size < 2:
         raise SystemExit(f"--repr-batch-size {cfg.repr_batch_size}: y_sem is standardised over the batch, which "
                          f"needs 2 scans or more per process; use --repr-accumulate for a larger batch instead")
@@ -124,8 +127,8 @@ def main(cfg):
     if not todo and rank == 0:
         print(f"{ckpt_path}: every stage asked for has finished")
     for stage in todo:
-        state = train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, latents, train_idx, val_idx,
-                            rank, world, device, init_seed)
+        state = train_stage(cfg, stage, state, unet, encoder, preset, ae_state, rows, images, latents, train_idx,
+                            val_idx, rank, world, device, init_seed)
         if state is None:  # interrupted
             break
     if world > 1:
@@ -133,7 +136,7 @@ def main(cfg):
         dist.destroy_process_group()
 
 
-def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, latents, train_idx, val_idx,
+def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, rows, images, latents, train_idx, val_idx,
                 rank, world, device, init_seed):
     """One stage, resumable. Returns the finished state, or None when stopped by a signal."""
     ckpt_path = Path(cfg.out) / "ldae.pt"
@@ -180,7 +183,10 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, images, late
     t_probs = None
     if stage == "repr" and cfg.t_sampling == "code":
         t_probs = diffusion.code_focused_t(latents[train_idx]).to(device)
-    if cfg.oracle:
+    if cfg.oracle and cfg.oracle_columns:
+        measured = measured_code(rows, cfg.oracle_columns.split(","), train_idx, preset.y_dim)
+        code = lambda ids, enc: measured[ids].to(device)
+    elif cfg.oracle:
         oracle = oracle_code(latents, train_idx, preset.y_dim)
         code = lambda ids, enc: oracle(latents[ids]).to(device)
     else:
@@ -304,6 +310,28 @@ def oracle_code(latents, train_idx, dim):
     std = ((flat - mean) @ components.T).std(0)
     pad = dim - len(components)  # code dimensions with nothing to say, when there are too few scans
     return lambda z0: F.pad(((z0.flatten(1).double() - mean) @ components.T) / std, (0, pad)).float()
+
+
+def measured_code(rows, columns, train_idx, dim):
+    """The code of --oracle-columns: each scan's values in the named participants-table columns, z-scored over
+    the training scans, zero-padded to `dim` (N, dim). With a cohort's measured sizes, stage 2b's validation gap
+    says how much the loss pays for knowing them (docs/results.md)."""
+    if len(columns) > dim:
+        raise SystemExit(f"--oracle-columns: {len(columns)} columns, but y_sem has only {dim} dimensions")
+    values = torch.empty(len(rows), len(columns), dtype=torch.float64)
+    for i, row in enumerate(rows):
+        for j, column in enumerate(columns):
+            try:
+                values[i, j] = float(row[column])
+            except (KeyError, TypeError, ValueError):
+                raise SystemExit(f"--oracle-columns: {row['path']}: no number in column {column!r} (it holds "
+                                 f"{row.get(column)!r})") from None
+    train = values[train_idx]
+    std = train.std(0)
+    if not (std > 0).all():
+        flat = [c for c, s in zip(columns, std) if not s > 0]
+        raise SystemExit(f"--oracle-columns: {', '.join(flat)} does not vary over the training scans")
+    return F.pad((values - train.mean(0)) / std, (0, dim - len(columns))).float()
 
 
 @torch.no_grad()

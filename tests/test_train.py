@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ldae  # noqa: E402
 from conftest import AE_FLAGS, AE_KEYS, AE_STEPS, LDAE_FLAGS, LDAE_STEPS, assert_identical, load, run_cli, \
     run_script  # noqa: E402
+from train_ldae import measured_code  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -127,6 +128,38 @@ def test_oracle_diagnostic_trains_the_estimator_on_the_latent_code_and_leaves_th
     assert state["config"]["oracle"] and state["finished"]
     assert all(torch.equal(v, pretrained["encoder"][k]) for k, v in state["encoder"].items())
     assert not torch.equal(state["unet"]["y_latent.weight"], pretrained["unet"]["y_latent.weight"])
+
+
+def test_oracle_columns_train_the_estimator_on_the_cohorts_measured_sizes(ae_run, copy_run):
+    run = copy_run(ae_run)
+    assert run_cli("train_ldae.py", "--out", run, "--stage", "pretrain", *LDAE_FLAGS) == (0, "")
+    pretrained = load(run / "ldae.pt")
+    code, message = run_cli("train_ldae.py", "--out", run, "--stage", "repr", "--oracle-columns", "ventricle_ml",
+                            *LDAE_FLAGS)
+    assert code == 1 and "pass --oracle with it" in message
+    code, message = run_cli("train_ldae.py", "--out", run, "--stage", "repr", "--oracle", "--oracle-columns",
+                            "ventricle_ml,no_such_column", *LDAE_FLAGS)
+    assert code == 1 and "no number in column 'no_such_column'" in message and "T1w.nii.gz" in message
+    assert run_cli("train_ldae.py", "--out", run, "--stage", "repr", "--oracle", "--oracle-columns",
+                   "ventricle_ml,cortex_thickness_mm", *LDAE_FLAGS) == (0, "")
+    state = load(run / "ldae.pt")
+    assert state["config"]["oracle_columns"] == "ventricle_ml,cortex_thickness_mm" and state["finished"]
+    assert all(torch.equal(v, pretrained["encoder"][k]) for k, v in state["encoder"].items())
+    assert not torch.equal(state["unet"]["y_latent.weight"], pretrained["unet"]["y_latent.weight"])
+
+
+def test_measured_code_is_z_scored_over_the_training_scans_and_padded():
+    rows = [dict(path=f"s{i}.nii.gz", size=str(2.0 * i), other=str(i * i)) for i in range(5)]
+    code = measured_code(rows, ["size", "other"], [0, 1, 2], dim=4)
+    assert code.shape == (5, 4) and torch.equal(code[:, 2:], torch.zeros(5, 2))
+    assert torch.allclose(code[[0, 1, 2], :2].mean(0), torch.zeros(2), atol=1e-6)
+    assert torch.allclose(code[[0, 1, 2], :2].std(0), torch.ones(2))
+    assert code[4, 0].item() == pytest.approx(3.0)  # (8 - 2) / 2: scans outside the training split use its mean and std
+    rows[3]["size"] = "n/a"
+    with pytest.raises(SystemExit, match=r"s3.nii.gz: no number in column 'size'"):
+        measured_code(rows, ["size"], [0, 1, 2], dim=4)
+    with pytest.raises(SystemExit, match="other does not vary"):
+        measured_code([dict(path="a", other="1"), dict(path="b", other="1")], ["other"], [0, 1], dim=4)
 
 
 def test_stage_2b_keeps_its_last_ema_weights_with_standardisation_fitted_to_them(ae_run, copy_run):
