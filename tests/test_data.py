@@ -168,6 +168,25 @@ def test_load_scan_range_padding_and_clipping(tmp_path):
     assert cropped.shape == (26, 30, 24) and min(meta["offsets"]) < 0
 
 
+def test_a_grid_voxel_averages_the_scan_over_its_extent():
+    """A 1 mm scan on a 4 mm grid: a 3 mm sheet (a cortex) keeps its partial volume wherever it lies within a
+    grid voxel (point sampling doubles it at one offset and halves it at another), and voxel noise is averaged."""
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    masses = []
+    for offset in range(4):
+        scan = np.zeros((64, 64, 64), np.float32)
+        scan[:12, :12, :12] = 1.0  # a large block fixes the intensity scaling
+        scan[30 + offset:33 + offset, 20:44, 20:44] = 1.0
+        grid, _ = data.to_grid(scan, affine, (16, 16, 16), 4.0)
+        masses.append(4.0 * grid[4:14, 7:9, 7:9].sum(0).mean())  # the sheet's intensity summed across it, in mm
+    assert max(masses) / min(masses) < 1.25, masses
+    assert 2.7 < np.mean(masses) < 3.3, masses
+    noise = np.random.default_rng(0).normal(0.5, 0.1, (64, 64, 64)).astype(np.float32)
+    noise[:12, :12, :12], noise[-12:, -12:, -12:] = 0.0, 1.0  # the same scaling as the scan's
+    grid, _ = data.to_grid(noise, affine, (16, 16, 16), 4.0)
+    assert grid[6:10, 6:10, 6:10].std() < 0.25 * 0.1
+
+
 def test_save_like_round_trip_keeps_affine_shape_and_values(tmp_path):
     volume = smooth_volume((60, 70, 50)) * 50
     affine = np.array([[0, 0, -1.5, 40], [1.5, 0, 0, -50], [0, 1.5, 0, -30], [0, 0, 0, 1.0]])  # not RAS
