@@ -409,7 +409,8 @@ def load_cohort(folder, csv, preset, run, clip_percentile=0.0, skip_bad=False):
 
 
 # -----------------------------------------------------------------------------
-# Latent cache: every scan's scaled latent, tied to the autoencoder weights that made it
+# Latent cache: every scan's scaled latent, tied to the autoencoder weights that made it and to the image cache
+# (images.npy, in the same run folder) it encoded
 
 def weights_fingerprint(state_dict):
     import hashlib
@@ -421,15 +422,25 @@ def weights_fingerprint(state_dict):
     return digest.hexdigest()
 
 
+def images_fingerprint(run):
+    """The image cache's key (its scans, their sizes and times, the preprocessing): it changes when the cache is
+    rebuilt."""
+    import hashlib
+
+    sidecar = Path(run) / "images.json"
+    return hashlib.sha1(sidecar.read_bytes()).hexdigest() if sidecar.exists() else None
+
+
 def save_latents(path, latents, ae_state_dict):
     path = Path(path)
     temp = path.with_name(path.name + ".tmp")
-    torch.save({"latents": latents, "autoencoder": weights_fingerprint(ae_state_dict)}, temp)
+    torch.save({"latents": latents, "autoencoder": weights_fingerprint(ae_state_dict),
+                "images": images_fingerprint(path.parent)}, temp)
     os.replace(temp, path)
 
 
 def load_latents(path, ae_state_dict):
-    """The cached latents, refused if a different autoencoder made them."""
+    """The cached latents, refused if a different autoencoder made them or the images they encode have changed."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no latent cache; finish stage 1 (python train_ae.py --resume)")
@@ -437,6 +448,10 @@ def load_latents(path, ae_state_dict):
     if cache["autoencoder"] != weights_fingerprint(ae_state_dict):
         raise DataError(f"{path}: made by another autoencoder than the run's ae.pt; re-run stage 1's end "
                         "(python train_ae.py --resume) to rebuild it")
+    if cache.get("images", None) not in (None, images_fingerprint(path.parent)):  # caches before this check: None
+        raise DataError(f"{path}: encodes other images than the run's image cache (a scan, where the scans lie "
+                        "or the preprocessing has changed since stage 1); re-run stage 1's end (python train_ae.py "
+                        "--resume) to rebuild it")
     return cache["latents"]
 
 

@@ -244,6 +244,18 @@ def test_train_ldae_before_stage_1_says_to_run_it(ae_run, tmp_path):
     assert code == 1 and "stage 1 has not finished" in message and "train_ae.py" in message
 
 
+def test_latents_of_changed_images_are_refused_until_stage_1s_end_reruns(ae_run, cohort, copy_run, tmp_path):
+    run = copy_run(ae_run)
+    moved = Path(shutil.copytree(cohort, tmp_path / "moved"))  # the same scans elsewhere: the image cache is rebuilt
+    torch.save({**load(run / "ae.pt"), "data_dir": str(moved)}, run / "ae.pt")
+    code, message = run_cli("train_ldae.py", "--out", run, "--stage", "pretrain", "--steps", "1")
+    assert code == 1 and str(run / "latents.pt") in message and "encodes other images" in message
+    assert "train_ae.py --resume" in message
+    assert run_cli("train_ae.py", "--data", moved, "--out", run, "--resume", *AE_FLAGS) == (0, "")
+    assert torch.equal(load(run / "latents.pt")["latents"], load(ae_run / "latents.pt")["latents"])
+    assert run_cli("train_ldae.py", "--out", run, "--stage", "pretrain", "--steps", "1") == (0, "")
+
+
 def test_train_ldae_refuses_an_unknown_t_sampling_naming_the_choices(tmp_path):
     code, message = run_cli("train_ldae.py", "--out", tmp_path, "--t-sampling", "random")
     assert code == 1 and "--t-sampling 'random'" in message and "code or uniform" in message
