@@ -9,6 +9,7 @@ longitudinal cohort so the whole pipeline runs without ADNI.
 
 import argparse
 import csv as csvlib
+import hashlib
 import json
 import multiprocessing
 import os
@@ -413,8 +414,6 @@ def load_cohort(folder, csv, preset, run, clip_percentile=0.0, skip_bad=False):
 # (images.npy, in the same run folder) it encoded
 
 def weights_fingerprint(state_dict):
-    import hashlib
-
     digest = hashlib.sha1()
     for name, tensor in state_dict.items():
         digest.update(name.encode())
@@ -425,8 +424,6 @@ def weights_fingerprint(state_dict):
 def images_fingerprint(run):
     """The image cache's key (its scans, their sizes and times, the preprocessing): it changes when the cache is
     rebuilt."""
-    import hashlib
-
     sidecar = Path(run) / "images.json"
     return hashlib.sha1(sidecar.read_bytes()).hexdigest() if sidecar.exists() else None
 
