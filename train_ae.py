@@ -32,9 +32,9 @@ class Config:
     csv: str = ""  # a table elsewhere than DATA/participants.csv
     preset: str = ""  # tiny | cpu | paper; empty: paper on a CUDA machine, cpu elsewhere
     out: str = "runs"
-    # None: the preset's schedule (ldae.PRESETS; cpu: 4 epochs at lr 1e-3, paper: METHOD 2's 100 at 5e-5)
-    epochs: int = None
-    steps: int = 0  # optimiser steps; 0: from epochs
+    # None: the preset's schedule (ldae.PRESETS; cpu: 2048 steps at lr 1e-3, paper: METHOD 2's 100 epochs at 5e-5)
+    epochs: int = None  # the run's length in epochs, or
+    steps: int = None  # in optimiser steps (either flag replaces the preset's length)
     batch_size: int = None
     accumulate: int = None  # micro-batches per optimiser step
     lr: float = None  # peak; METHOD 2 uses 5e-5 to fine-tune a pretrained model, from scratch needs more
@@ -42,7 +42,7 @@ class Config:
     kl_weight: float = 1e-7
     ssim_weight: float = 1.0
     adv_weight: float = 0.025
-    adv_start: float = None  # epochs before the adversarial term switches on; the 4-epoch cpu demo ends first
+    adv_start: float = None  # epochs before the adversarial term switches on; inf: never (the cpu preset)
     clip: float = 1.0
     amp: str = "auto"  # auto | bf16 | fp16 | off
     checkpointing: bool = False  # recompute activations in backward (paper preset in < 24 GB)
@@ -85,8 +85,10 @@ def main(cfg):
     else:
         cfg = ldae.with_schedule(cfg, ldae.PRESETS[cfg.preset].stage1)
     if rank == 0:
-        print(f"preset {cfg.preset} with its schedule: {cfg.epochs} epochs, batch {cfg.batch_size} x {cfg.accumulate}, "
-              f"lr {cfg.lr:g}, adversarial term from epoch {cfg.adv_start:g} (flags override each)")
+        length = f"{cfg.steps} steps" if cfg.steps else f"{cfg.epochs} epochs"
+        adversarial = f"from epoch {cfg.adv_start:g}" if math.isfinite(cfg.adv_start) else "off"
+        print(f"preset {cfg.preset} with its schedule: {length}, batch {cfg.batch_size} x {cfg.accumulate}, "
+              f"lr {cfg.lr:g}, adversarial term {adversarial} (flags override each)")
         print(json.dumps(asdict(cfg), indent=1))
     preset = ldae.PRESETS[cfg.preset]
 
@@ -122,7 +124,8 @@ def main(cfg):
         scaler.load_state_dict(state["scaler"])
         step = state["step"]
     model = torch.nn.parallel.DistributedDataParallel(ae) if world > 1 else ae
-    adv_start = round(cfg.adv_start * steps_per_epoch)  # the first step with the adversarial term
+    adv_start = cfg.adv_start * steps_per_epoch  # the first step with the adversarial term (inf: none)
+    adv_start = round(adv_start) if math.isfinite(adv_start) else adv_start
 
     def checkpoint(extra=None):
         if rank == 0:

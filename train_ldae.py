@@ -30,9 +30,11 @@ class Config:
     out: str = "runs"
     stage: str = "all"  # pretrain | repr | all
     # None: the preset's schedule (ldae.PRESETS), from the preset in ae.pt
-    pretrain_epochs: int = None  # stage 2a; the paper trains 500
-    repr_epochs: int = None  # stage 2b
-    steps: int = 0  # optimiser steps for each stage run; 0: from the epochs
+    pretrain_epochs: int = None  # stage 2a's length in epochs (the paper trains 500), or
+    pretrain_steps: int = None  # in optimiser steps (either flag replaces the preset's length)
+    repr_epochs: int = None  # stage 2b's, the same two ways
+    repr_steps: int = None
+    steps: int = 0  # optimiser steps for each stage this run trains; 0: each stage's own length
     batch_size: int = None  # stage 2a
     accumulate: int = None  # stage 2a micro-batches per optimiser step
     repr_batch_size: int = None
@@ -43,7 +45,7 @@ class Config:
     clip: float = 1.0
     amp: str = "auto"  # auto | bf16 | fp16 | off
     val_steps: int = 10  # DDIM steps of the validation reconstruction
-    val_every: int = 4  # epochs between validations (and the log's validation lines); the last step always validates
+    val_every: int = 4  # epochs between validations (the log's validation lines), at most 12 a stage, and its last step
     seed: int = 0
     save_every: int = 200
     resume: bool = False
@@ -90,10 +92,11 @@ def main(cfg):
         dist.barrier()
     cfg = ldae.with_schedule(cfg, preset.stage2)
     if rank == 0:
+        length = lambda steps, epochs: f"{steps} steps" if steps else f"{epochs} epochs"
         print(f"preset {ae_state['config']['preset']} (from {run / 'ae.pt'}) with its schedule: stage 2a "
-              f"{cfg.pretrain_epochs} epochs, batch {cfg.batch_size} x {cfg.accumulate}, lr {cfg.lr:g}; stage 2b "
-              f"{cfg.repr_epochs} epochs, batch {cfg.repr_batch_size} x {cfg.repr_accumulate}, lr {cfg.repr_lr:g}; "
-              f"EMA {cfg.ema} (flags override each)")
+              f"{length(cfg.pretrain_steps, cfg.pretrain_epochs)}, batch {cfg.batch_size} x {cfg.accumulate}, "
+              f"lr {cfg.lr:g}; stage 2b {length(cfg.repr_steps, cfg.repr_epochs)}, batch {cfg.repr_batch_size} x "
+              f"{cfg.repr_accumulate}, lr {cfg.repr_lr:g}; EMA {cfg.ema} (flags override each)")
         print(json.dumps(asdict(cfg), indent=1))
     split = ae_state["split"]
     train_idx = [i for i, r in enumerate(rows) if split.get(r["subject"]) == "train"]
@@ -149,12 +152,14 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, rows, images
         for module in unet.estimator_modules():  # stage 2a froze them when it ran in this process
             module.requires_grad_(True)
         trainable = [p for p in unet.parameters() if p.requires_grad] + list(encoder.parameters())
-        batch_size, accumulate, epochs, lr = cfg.repr_batch_size, cfg.repr_accumulate, cfg.repr_epochs, cfg.repr_lr
+        batch_size, accumulate, lr = cfg.repr_batch_size, cfg.repr_accumulate, cfg.repr_lr
+        epochs, steps = cfg.repr_epochs, cfg.repr_steps
     else:
         for module in unet.estimator_modules():  # unused in 2a; DDP must not wait for their gradients
             module.requires_grad_(False)
         trainable = [p for p in unet.parameters() if p.requires_grad]
-        batch_size, accumulate, epochs, lr = cfg.batch_size, cfg.accumulate, cfg.pretrain_epochs, cfg.lr
+        batch_size, accumulate, lr = cfg.batch_size, cfg.accumulate, cfg.lr
+        epochs, steps = cfg.pretrain_epochs, cfg.pretrain_steps
     amp_ctx, amp_dtype = ldae.autocast(device, cfg.amp)
     # Stage 2b's backward through the frozen eps_theta crashes in channels_last_3d: it keeps the default layout.
     layout = ldae.memory_format(device, amp_dtype) if stage == "pretrain" else torch.contiguous_format
@@ -165,18 +170,21 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, rows, images
     opt = torch.optim.Adam(trainable, lr=lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     step, validation = 0, None  # stage 2b: the latest validation figures
+    best, last = None, None  # stage 2a: the EMA weights of the lowest validation loss so far (and their step and
+    # loss); the latest validation loss
     if resuming:
         unet_ema.load_state_dict(state["unet_ema"])
         encoder_ema.load_state_dict(state["encoder_ema"])
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        step, validation = state["step"], state.get("validation")
+        step, validation, best = state["step"], state.get("validation"), state.get("best")
     wrap = lambda m: torch.nn.parallel.DistributedDataParallel(m) if world > 1 else m
     unet_run = wrap(unet)
     encoder_run = wrap(encoder) if stage == "repr" else encoder
     per_step = batch_size * accumulate * world
     steps_per_epoch = max(1, len(train_idx) // per_step)
-    total = cfg.steps or epochs * steps_per_epoch
+    total = cfg.steps or steps or epochs * steps_per_epoch
+    val_every = max(steps_per_epoch * cfg.val_every, total // 12)  # on a small cohort, epochs are a few steps
     latent_mean, latent_scale = ae_state["latent_mean"], ae_state["latent_scale"]
     # --t-sampling code: stage 2b draws half its timesteps where a perfect code would save the most and weights each
     # by 1 / (T p_t): METHOD 4's objective, with more of each step's draws where y_sem matters (docs/design.md).
@@ -198,7 +206,7 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, rows, images
                 "stage": stage, "finished": finished,
                 "unet": unet.state_dict(), "unet_ema": unet_ema.state_dict(), "encoder": encoder.state_dict(),
                 "encoder_ema": encoder_ema.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "validation": validation, "config": asdict(cfg), "init_seed": init_seed,
+                "step": step, "validation": validation, "best": best, "config": asdict(cfg), "init_seed": init_seed,
                 "preset": ae_state["config"]["preset"],
                 "latent_scale": latent_scale}, ckpt_path)
 
@@ -245,7 +253,7 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, rows, images
         running = total_loss if running is None else 0.95 * running + 0.05 * total_loss
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}")
-        validating = rank == 0 and val_idx and (step == total or step % (steps_per_epoch * cfg.val_every) == 0)
+        validating = rank == 0 and val_idx and (step == total or step % val_every == 0)
         if stage == "pretrain" and validating:
             torch.manual_seed(0)
             with torch.no_grad():
@@ -253,6 +261,9 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, rows, images
                 loss = sum(diffusion.pretrain_loss(unet_ema, z0).item() for _ in range(16)) / 16
             log.write(step, val_loss=loss)
             bar.write(f"epoch {step / steps_per_epoch:.4g}: validation loss {loss:.5f}")
+            last = loss
+            if best is None or loss < best["loss"]:
+                best = {"step": step, "loss": loss, "unet_ema": copy.deepcopy(unet_ema.state_dict())}
         if stage == "repr" and validating:
             if not cfg.oracle:
                 refresh_standardisation(encoder_ema, images, train_idx, batch_size, device)
@@ -280,6 +291,10 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, rows, images
     refitted = validation is not None and validation["step"] == step  # the last validation did it already
     if stage == "repr" and not cfg.oracle and not refitted:  # the last EMA weights are kept, with fitting statistics
         refresh_standardisation(encoder_ema, images, train_idx, batch_size, device)
+    if stage == "pretrain" and best is not None and best["loss"] < 0.99 * last:  # the DDPM fitted its training scans
+        unet_ema.load_state_dict(best["unet_ema"])
+        print(f"stage 2a keeps its EMA weights of step {best['step']}, the lowest validation loss ({best['loss']:.5f}, "
+              f"against {last:.5f} at its last step)")
     checkpoint(finished=True)
     if rank == 0:
         print(f"{name}: {ldae.run_summary(step - first, time.time() - t0, device)}; wrote {ckpt_path}")

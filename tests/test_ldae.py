@@ -326,9 +326,27 @@ def test_preset_schedule_fills_only_the_flags_left_out():
     flags = ldae.parse_config(train_ldae.Config, ["--repr-epochs", "3"])
     cfg = ldae.with_schedule(flags, ldae.PRESETS["paper"].stage2)
     assert cfg.repr_epochs == 3 and cfg.pretrain_epochs == 500 and cfg.lr == 2.5e-5 and cfg.accumulate == 8
+    assert cfg.repr_steps == 0 and cfg.pretrain_steps == 0
     cfg = ldae.with_schedule(ldae.parse_config(train_ae.Config, []), ldae.PRESETS["cpu"].stage1)
-    assert cfg.epochs == ldae.PRESETS["cpu"].stage1["epochs"] and cfg.preset == ""  # train_ae picks it at start
+    assert cfg.steps == ldae.PRESETS["cpu"].stage1["steps"] and cfg.epochs == 0
+    assert cfg.preset == ""  # train_ae picks it at start
     assert ldae.default_preset() == "cpu"  # the tests hide any GPU (conftest)
+
+
+def test_a_length_flag_in_either_form_replaces_the_presets_length():
+    """The cpu schedule counts steps, so its length does not shrink with the cohort; --epochs still sets one."""
+    import train_ae
+    import train_ldae
+
+    cpu = ldae.PRESETS["cpu"]
+    cfg = ldae.with_schedule(ldae.parse_config(train_ae.Config, ["--epochs", "8"]), cpu.stage1)
+    assert (cfg.epochs, cfg.steps) == (8, 0) and cfg.lr == cpu.stage1["lr"]
+    cfg = ldae.with_schedule(ldae.parse_config(train_ldae.Config, ["--repr-epochs", "5"]), cpu.stage2)
+    assert (cfg.repr_epochs, cfg.repr_steps) == (5, 0)
+    assert (cfg.pretrain_epochs, cfg.pretrain_steps) == (0, cpu.stage2["pretrain_steps"])
+    flags = ldae.parse_config(train_ldae.Config, ["--pretrain-steps", "7"])
+    cfg = ldae.with_schedule(flags, ldae.PRESETS["paper"].stage2)
+    assert (cfg.pretrain_epochs, cfg.pretrain_steps) == (0, 7) and cfg.repr_epochs == 100
 
 
 def test_training_log_continues_after_the_checkpoint_step(tmp_path):

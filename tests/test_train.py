@@ -192,6 +192,37 @@ def test_stage_2b_validates_every_val_every_epochs_and_at_its_last_step(ae_run, 
     assert [int(r["step"]) for r in validations] == [s for s in range(1, 10) if s % (2 * per_epoch) == 0 or s == 9]
 
 
+def test_stage_2a_keeps_the_ema_weights_of_its_lowest_validation_loss(ae_run, copy_run, monkeypatch):
+    """Validation losses scripted per validation (steps 1, 2, 3): with the lowest at step 2, the finished stage 2a
+    holds exactly the EMA weights of a run stopped at step 2; with the lowest last, or less than 1% below the
+    last, its last ones."""
+    real = ldae.Diffusion.pretrain_loss
+
+    def run_with(val_losses, steps):
+        calls = []
+
+        def pretrain_loss(self, unet, z0):
+            if torch.is_grad_enabled():  # a training step
+                return real(self, unet, z0)
+            calls.append(1)  # validation averages 16 draws
+            return torch.tensor(val_losses[(len(calls) - 1) // 16])
+
+        monkeypatch.setattr(ldae.Diffusion, "pretrain_loss", pretrain_loss)
+        run = copy_run(ae_run, f"run{len(val_losses)}{val_losses[1]}{steps}")
+        assert run_cli("train_ldae.py", "--out", run, "--stage", "pretrain", "--steps", steps, "--val-every",
+                       "1") == (0, "")
+        return load(run / "ldae.pt")
+
+    falling, dipping, stopped = run_with([3.0, 2.0, 1.0], 3), run_with([3.0, 1.0, 2.0], 3), run_with([3.0, 2.0], 2)
+    flat = run_with([3.0, 1.995, 2.0], 3)
+    assert falling["best"]["step"] == 3 and dipping["best"]["step"] == 2 and flat["best"]["step"] == 2
+    assert_identical(flat["unet_ema"], falling["unet_ema"])
+    assert_identical(dipping["unet_ema"], stopped["unet_ema"])
+    assert_identical(falling["unet_ema"], falling["best"]["unet_ema"])
+    assert not all(torch.equal(v, dipping["unet_ema"][k]) for k, v in falling["unet_ema"].items())
+    assert_identical(dipping["unet"], falling["unet"])  # training itself is the same; only the kept EMA differs
+
+
 def test_stage_2b_run_with_another_seed_keeps_the_seed_of_its_random_start(ae_run, copy_run):
     """Stage 2b starts from stage 2a's networks, so the untrained-encoder baseline is drawn with 2a's seed."""
     from evaluate import Config, open_run, untrained_encoder
