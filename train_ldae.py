@@ -169,9 +169,8 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, rows, images
     decoder.load_state_dict(ae_state["model"])
     opt = torch.optim.Adam(trainable, lr=lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    step, validation = 0, None  # stage 2b: the latest validation figures
-    best, last = None, None  # stage 2a: the EMA weights of the lowest validation loss so far (and their step and
-    # loss); the latest validation loss
+    step, validation = 0, None  # the latest validation figures
+    best = None  # stage 2a: the EMA weights of the lowest validation loss so far, with their step and loss
     if resuming:
         unet_ema.load_state_dict(state["unet_ema"])
         encoder_ema.load_state_dict(state["encoder_ema"])
@@ -261,7 +260,7 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, rows, images
                 loss = sum(diffusion.pretrain_loss(unet_ema, z0).item() for _ in range(16)) / 16
             log.write(step, val_loss=loss)
             bar.write(f"epoch {step / steps_per_epoch:.4g}: validation loss {loss:.5f}")
-            last = loss
+            validation = {"step": step, "loss": loss}
             if best is None or loss < best["loss"]:
                 best = {"step": step, "loss": loss, "unet_ema": copy.deepcopy(unet_ema.state_dict())}
         if stage == "repr" and validating:
@@ -291,10 +290,13 @@ def train_stage(cfg, stage, state, unet, encoder, preset, ae_state, rows, images
     refitted = validation is not None and validation["step"] == step  # the last validation did it already
     if stage == "repr" and not cfg.oracle and not refitted:  # the last EMA weights are kept, with fitting statistics
         refresh_standardisation(encoder_ema, images, train_idx, batch_size, device)
-    if stage == "pretrain" and best is not None and best["loss"] < 0.99 * last:  # the DDPM fitted its training scans
+    if stage == "pretrain" and best is not None and best["loss"] < 0.99 * validation["loss"]:  # fitted its scans
         unet_ema.load_state_dict(best["unet_ema"])
         print(f"stage 2a keeps its EMA weights of step {best['step']}, the lowest validation loss ({best['loss']:.5f}, "
-              f"against {last:.5f} at its last step)")
+              f"against {validation['loss']:.5f} at its last step)")
+    if stage == "pretrain" and world > 1:  # only rank 0 validates: every process takes the weights it kept
+        for tensor in unet_ema.state_dict().values():
+            dist.broadcast(tensor, 0)
     checkpoint(finished=True)
     if rank == 0:
         print(f"{name}: {ldae.run_summary(step - first, time.time() - t0, device)}; wrote {ckpt_path}")
