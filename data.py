@@ -4,6 +4,7 @@ model's grid and back, the image cache, the subject-level split, and a built-in 
 longitudinal cohort so the whole pipeline runs without ADNI.
 
     python data.py --synth data/demo            # write the synthetic cohort
+    python data.py --synth DIR --from T1.nii.gz # the same design on one real skull-stripped T1, warped
     python data.py --check DIR [--csv FILE]     # one line per bad scan, exit 1 if any
 """
 
@@ -603,24 +604,29 @@ def measure(labels):
                 cortex_thickness_mm=float(to_csf[inner_gm].mean()))
 
 
-def _synth_subject(job):
-    """Write one subject's visits; returns their table rows. Seeded by (seed, index): order-free."""
-    out_dir, seed, index, diagnosis = job
-    rng = np.random.default_rng([seed, index])
-    subject = f"sub-{index:04d}"
+def _visit_plan(rng, diagnosis):
+    """One subject's visits as (months, age, disease severity): 2-4 visits, severity growing yearly with MCI and AD."""
     mean_age = dict(CN=73.0, MCI=72.0, AD=75.0)[diagnosis]
     age0 = float(np.clip(rng.normal(mean_age, 7.0), 55.0, 90.0))
     severity0, yearly = dict(CN=(0.0, 0.0), MCI=(rng.uniform(0.25, 0.6), rng.uniform(0.05, 0.25)),
                              AD=(rng.uniform(0.7, 1.2), rng.uniform(0.15, 0.35)))[diagnosis]
     visits = rng.integers(2, 5)
     months = [0] + sorted(rng.choice(FOLLOW_UP_MONTHS, visits - 1, replace=False).tolist())
+    return [(m, age0 + m / 12, severity0 + yearly * m / 12) for m in months]
+
+
+def _synth_subject(job):
+    """Write one subject's visits; returns their table rows. Seeded by (seed, index): order-free."""
+    out_dir, seed, index, diagnosis = job
+    rng = np.random.default_rng([seed, index])
+    subject = f"sub-{index:04d}"
+    plan = _visit_plan(rng, diagnosis)
     anatomy = random_anatomy(rng)
     (Path(out_dir) / subject).mkdir(parents=True, exist_ok=True)
     rows = []
-    for m in months:
+    for m, age, severity in plan:
         session = f"M{m:02d}"
-        age = age0 + m / 12
-        labels = render_labels(anatomy, atrophy(anatomy, age, severity0 + yearly * m / 12))
+        labels = render_labels(anatomy, atrophy(anatomy, age, severity))
         image = render_t1(labels, anatomy, rng)
         path, labels_path = (f"{subject}/{subject}_ses-{session}_{kind}.nii.gz" for kind in ("T1w", "labels"))
         for array, name in ((image, path), (labels, labels_path)):
@@ -633,19 +639,101 @@ def _synth_subject(job):
     return rows
 
 
-def synthesize(out_dir, subjects=200, seed=0):
-    """Write the synthetic cohort to out_dir; returns its participants.csv (written last)."""
+# -----------------------------------------------------------------------------
+# The same cohort design on real anatomy (--synth DIR --from T1): every scan is one skull-stripped T1, warped per
+# subject (a smooth random warp and a shift: its own shape) and per visit by age and disease: tissue drawn back
+# from every CSF border (cortical thinning, wider sulci) and the lateral ventricles expanded.
+
+WARP_SPACING = 1.75  # mm, the cohort's voxels (the T1's own where coarser)
+_REAL = {}  # the warped brain's arrays, set once per process by _load_real_anatomy
+
+
+def _load_real_anatomy(t1_path):
+    """Resample the T1 to WARP_SPACING in RAS and find what the atrophy warp moves: tissue (GM + WM), the
+    direction away from the nearest CSF, and the lateral ventricles (the two largest CSF pockets 18 mm or more
+    inside the brain)."""
+    img = nib.as_closest_canonical(nib.load(t1_path))
+    zooms = np.array(img.header.get_zooms()[:3], dtype=float)
+    spacing = max(WARP_SPACING, zooms.max())
+    factor = zooms / spacing
+    volume = np.asanyarray(img.dataobj).astype(np.float32)
+    volume = ndimage.zoom(ndimage.gaussian_filter(volume, 0.85 * (1 / factor - 1)), factor, order=1)
+    affine = img.affine.copy()
+    affine[:3, :3] /= factor
+    top = np.percentile(volume[volume > 0], 99) if (volume > 0).any() else 0.0
+    brain = volume > 0.04 * top
+    tissue = brain & (ndimage.gaussian_filter(volume, 0.7) > 0.47 * top)  # T1: CSF is darker than GM and WM
+    depth = ndimage.distance_transform_edt(tissue, sampling=spacing)  # mm from tissue to CSF or outside
+    normal = np.stack(np.gradient(ndimage.gaussian_filter(depth, 1.0), spacing))
+    normal /= np.linalg.norm(normal, axis=0) + 1e-6  # away from the CSF, into the tissue
+    deep = ndimage.distance_transform_edt(brain, sampling=spacing) > 18.0
+    pockets, count = ndimage.label(brain & ~tissue & deep)
+    if brain.mean() > 0.9 or count < 2:
+        raise DataError(f"{t1_path}: found no brain with ventricles in it (CSF darker than tissue, background "
+                        f"zero): --from needs a skull-stripped T1-weighted scan")
+    ventricles = np.isin(pockets, 1 + np.argsort(np.bincount(pockets.ravel())[1:])[-2:])
+    grid = np.indices(volume.shape, dtype=np.float32)
+    radial = grid - np.argwhere(ventricles).mean(0)[:, None, None, None]  # voxels from the ventricles' centre
+    reach = np.exp(-(np.linalg.norm(radial, axis=0) * spacing) ** 2 / (2 * 22.0 ** 2))
+    # Per visit, the warp moves each point by thinning (mm) * thinning_field + growth (relative) * growth_field
+    # (voxels): tissue within ~3 mm of CSF toward the CSF side of it, and space around the ventricles outward.
+    thinning_field = -normal * np.exp(-depth / 3.0) * tissue / spacing
+    growth_field = -radial * reach
+    _REAL.update(volume=volume, affine=affine, spacing=spacing, grid=grid,
+                 thinning_field=thinning_field.astype(np.float32), growth_field=growth_field.astype(np.float32))
+
+
+def _warped_subject(job):
+    """Write one subject's visits of the real-anatomy cohort; returns their table rows."""
+    out_dir, seed, index, diagnosis = job
+    rng = np.random.default_rng([seed, index])
+    subject = f"sub-{index:04d}"
+    plan = _visit_plan(rng, diagnosis)
+    volume, spacing, grid = _REAL["volume"], _REAL["spacing"], _REAL["grid"]
+
+    def smooth_field(smoothness_mm, amplitude_mm):
+        coarse = [max(2, int(n * spacing / smoothness_mm)) + 2 for n in volume.shape]
+        field = ndimage.zoom(rng.standard_normal(coarse), [n / c for n, c in zip(volume.shape, coarse)], order=3)
+        return (field / field.std() * amplitude_mm / spacing).astype(np.float32)
+
+    own = grid + np.stack([smooth_field(30.0, 4.0) for _ in range(3)]) + \
+        (rng.uniform(-3.0, 3.0, 3) / spacing)[:, None, None, None].astype(np.float32)
+    gain, thinning0, growth0 = rng.uniform(0.9, 1.1), rng.normal(0.0, 0.15), rng.normal(0.0, 0.1)
+    (Path(out_dir) / subject).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for m, age, severity in plan:
+        decades = (age - 70.0) / 10.0
+        thinning = max(0.0, 0.2 * decades + 0.5 * severity + thinning0)  # mm drawn back at every CSF border
+        growth = 0.05 * decades + 0.15 * severity + growth0  # relative ventricle expansion
+        move = thinning * _REAL["thinning_field"] + growth * _REAL["growth_field"]
+        at = own + np.stack([ndimage.map_coordinates(move[k], own, order=1) for k in range(3)])
+        image = ndimage.map_coordinates(volume, at, order=1) * (gain * rng.uniform(0.97, 1.03) * 250 / volume.max())
+        image = np.where(image > 3.0, image + rng.normal(0.0, 3.0, image.shape), 0)  # noise inside the brain
+        path = f"{subject}/{subject}_ses-M{m:02d}_T1w.nii.gz"
+        nib.save(nib.Nifti1Image(np.clip(np.round(image), 0, 255).astype(np.uint8), _REAL["affine"]),
+                 str(Path(out_dir) / path))
+        rows.append(dict(subject=subject, session=f"M{m:02d}", path=path, diagnosis=diagnosis, age=f"{age:.2f}",
+                         months=m))
+    return rows
+
+
+def synthesize(out_dir, subjects=200, seed=0, t1=None):
+    """Write the synthetic cohort to out_dir, procedural brains or (t1: a skull-stripped T1's path) that real
+    brain warped; returns its participants.csv (written last)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     diagnoses = np.random.default_rng(seed).permutation(np.resize(DIAGNOSIS_MIX, subjects))
     jobs = [(str(out_dir), seed, i, str(d)) for i, d in enumerate(diagnoses)]
     workers = min(os.cpu_count() or 1, max(1, subjects // 8))
-    desc = f"synthesizing {subjects} subjects"
+    desc = f"synthesizing {subjects} subjects" + (f" from {t1}" if t1 else "")
+    make, setup, args = (_warped_subject, _load_real_anatomy, (str(t1),)) if t1 else (_synth_subject, None, ())
+    if t1:
+        setup(*args)  # here first: a scan it cannot use fails before any worker starts
     if workers > 1:
-        with multiprocessing.Pool(workers) as pool:
-            per_subject = list(tqdm(pool.imap(_synth_subject, jobs), total=subjects, desc=desc))
+        with multiprocessing.Pool(workers, setup, args) as pool:
+            per_subject = list(tqdm(pool.imap(make, jobs), total=subjects, desc=desc))
     else:
-        per_subject = [_synth_subject(job) for job in tqdm(jobs, desc=desc)]
+        per_subject = [make(job) for job in tqdm(jobs, desc=desc)]
     rows = [row for subject_rows in per_subject for row in subject_rows]
     table = out_dir / "participants.csv"
     temp = table.with_name(table.name + ".tmp")
@@ -677,12 +765,16 @@ def main():
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--synth", metavar="DIR", help="write the synthetic cohort to DIR")
     action.add_argument("--check", metavar="DIR", help="check every scan of the cohort in DIR")
+    parser.add_argument("--from", dest="t1", metavar="T1", help="with --synth: warp this skull-stripped T1 "
+                        "(NIfTI) into every scan instead of drawing procedural brains")
     parser.add_argument("--csv", help="cohort table, if not DIR/participants.csv or a BIDS participants.tsv")
     parser.add_argument("--subjects", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.t1 and not args.synth:
+        parser.error("--from goes with --synth DIR")
     if args.synth:
-        print(f"wrote {synthesize(args.synth, args.subjects, args.seed)}")
+        print(f"wrote {synthesize(args.synth, args.subjects, args.seed, args.t1)}")
         return 0
     good, problems = check_cohort(args.check, args.csv)
     for line in problems:

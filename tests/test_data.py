@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
@@ -282,6 +283,27 @@ def test_synthetic_disease_and_age_effects_have_the_right_sign():
     assert older["ventricle_ml"] > cn["ventricle_ml"] and older["cortex_thickness_mm"] < cn["cortex_thickness_mm"]
     # The disease shrinks the hippocampus faster than ageing does (per unit of severity vs decade).
     assert cn["hippocampus_ml"] - ad["hippocampus_ml"] > cn["hippocampus_ml"] - older["hippocampus_ml"]
+
+
+def test_a_cohort_warped_from_one_t1_gains_csf_with_disease_and_refuses_a_scan_it_cannot_use(tmp_path, monkeypatch):
+    rng = np.random.default_rng(2)
+    anatomy = data.random_anatomy(rng)
+    labels = data.render_labels(anatomy, data.atrophy(anatomy, 70, 0.0))
+    t1 = write_nifti(tmp_path / "t1.nii.gz", data.render_t1(labels, anatomy, rng), data.synth_affine())
+    # Two visits a year apart, the second with severe disease: tissue gives way to CSF, most of all around the
+    # ventricles (found from the T1's intensities alone).
+    monkeypatch.setattr(data, "_visit_plan", lambda rng, diagnosis: [(0, 70.0, 0.0), (12, 71.0, 1.5)])
+    table = data.synthesize(tmp_path / "cohort", subjects=2, seed=0, t1=t1)
+    rows, problems = data.check_cohort(table.parent)
+    assert not problems and [r["session"] for r in rows] == ["M00", "M12"] * 2
+    near_ventricles = ndimage.binary_dilation(labels == data.VENTRICLES, iterations=3)
+    for first, last in (rows[:2], rows[2:]):
+        before, after = (nib.load(r["path"]).get_fdata() for r in (first, last))
+        dark = lambda v: (v > 0) & (v < 0.47 * np.percentile(v[v > 0], 99))  # CSF inside the brain
+        assert dark(after).sum() > 1.02 * dark(before).sum()
+        assert (dark(after) & near_ventricles).sum() > 1.1 * (dark(before) & near_ventricles).sum()
+    with pytest.raises(data.DataError, match="bright.nii.gz.*skull-stripped"):  # no background, no ventricles
+        data.synthesize(tmp_path / "bad", subjects=1, t1=write_nifti(tmp_path / "bright.nii.gz", smooth_volume()))
 
 
 def test_t1_contrast_orders_tissues():
