@@ -726,9 +726,10 @@ def synthesize(out_dir, subjects=200, seed=0, t1=None):
     jobs = [(str(out_dir), seed, i, str(d)) for i, d in enumerate(diagnoses)]
     workers = min(os.cpu_count() or 1, max(1, subjects // 8))
     desc = f"synthesizing {subjects} subjects" + (f" from {t1}" if t1 else "")
-    make, setup, args = (_warped_subject, _load_real_anatomy, (str(t1),)) if t1 else (_synth_subject, None, ())
-    if t1:
-        setup(*args)  # here first: a scan it cannot use fails before any worker starts
+    make, setup, args = _synth_subject, None, ()
+    if t1:  # loaded here first, so a scan it cannot use fails before any worker starts; each worker loads it too
+        _load_real_anatomy(str(t1))
+        make, setup, args = _warped_subject, _load_real_anatomy, (str(t1),)
     if workers > 1:
         with multiprocessing.Pool(workers, setup, args) as pool:
             per_subject = list(tqdm(pool.imap(make, jobs), total=subjects, desc=desc))
