@@ -663,9 +663,12 @@ def task_reconstruct(run, cfg):
             y_other = y_sem[[partner[p] for p in chunk]]
             ssim_other_subject += ldae.ssim3d(ddim_decode(run, z_T, y_other, max(steps), cfg.clip_z0), x).tolist()
     result = {name: mean_metrics(m) for name, m in per_scan.items()}
+    train = run.indices("train")
+    result["latent_readout"] = latent_readout(run, semantic(run, train, cfg.batch_size, "y_sem of training scans"),
+                                              train, y_sem.cpu(), indices)
     losses = stage2b_loss_by_y_sem(run, run.latents[indices], y_sem, cfg.seed, partner)
     # how much a y_sem that knew each latent exactly could save, on a Gaussian model of the training latents
-    losses["perfect_code_bound"] = float(run.diffusion.code_saving(run.latents[run.indices("train")]).mean())
+    losses["perfect_code_bound"] = float(run.diffusion.code_saving(run.latents[train]).mean())
     if partner:
         gap, bound = losses["mean_gap_other_minus_own"], losses["perfect_code_bound"]
         losses["gap_over_bound"] = gap / bound if bound > 0 else None
@@ -676,6 +679,24 @@ def task_reconstruct(run, cfg):
             "ssim_other_mean": sum(ssim_other_subject) / len(ssim_other_subject)}
     return result | {"random_zT_steps": max(steps), "clip_z0": cfg.clip_z0 or None, "stage2b_loss": losses,
                      "y_sem_spread": ldae.spread_of(y_sem)}
+
+
+def latent_readout(run, y_train, train, y_test, test):
+    """Does y_sem carry a new scan as it carries a training scan? A ridge map from y_sem to the scaled latent, fitted
+    on the training scans (l2 chosen on a by-subject split), and the share of the test latents' variance about
+    their mean that it explains (1 - SSE / SST; below 0 when it predicts worse than their mean). Beside it the same
+    share for the training latents' first y_dim principal components, the linear code of that size that fits the
+    training latents best: about as much of a new subject's latent as a code learned from these subjects carries."""
+    L_train, L_test = run.latents[train].flatten(1).double(), run.latents[test].flatten(1).double()
+    explained = lambda pred: 1 - float(((pred - L_test) ** 2).sum() / ((L_test - L_test.mean(0)) ** 2).sum())
+    X_train, X_test = standardize(y_train.double(), y_test.double())
+    mse = lambda X, L, w, b: -float(((predict_ridge(X, w, b) - L) ** 2).mean())
+    l2 = choose_l2(fit_ridge, mse, X_train, L_train, [run.rows[i]["subject"] for i in train],
+                   [10.0 ** k for k in range(-1, 5)])
+    w, b = fit_ridge(X_train, L_train, l2)
+    mean, components, _ = pca_fit(L_train, y_train.shape[1])
+    return {"y_sem": explained(predict_ridge(X_test, w, b)), "l2": l2,
+            "latent_pca": explained(mean + (L_test - mean) @ components.T @ components)}
 
 
 def other_subject_partner(subjects):

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import ldae  # noqa: E402
 from conftest import load, run_script  # noqa: E402
-from evaluate import (Config, atrophy_reference, main, open_run, other_subject_partner,  # noqa: E402
+from evaluate import (Config, atrophy_reference, latent_readout, main, open_run, other_subject_partner,  # noqa: E402
                       stage2b_loss_by_y_sem, untrained_encoder, write_png)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the in-process calls: one thread, like the subprocesses
@@ -164,6 +164,25 @@ def test_subject_folds_keep_subjects_whole_and_spread_each_diagnosis():
         subject_folds(SimpleNamespace(rows=rows, path=Path("run")), list(range(len(rows))), 10, seed=0)
 
 
+def test_latent_readout_tells_a_code_that_generalises_from_one_that_memorises():
+    # 60 subjects x 2 scans of a latent with 4 shared directions plus each subject's own pattern: the first 40
+    # subjects train, the last 20 are new. A code that is a linear map of the latent carries a new scan nearly as
+    # well as the 4 principal components do; a code that only names the training subjects carries none of it.
+    g = torch.Generator().manual_seed(0)
+    basis, subject_part = torch.randn(4, 300, generator=g), torch.randn(60, 300, generator=g)
+    coeff = torch.randn(60, 4, generator=g).repeat_interleave(2, 0)
+    latents = coeff @ basis + 0.3 * subject_part.repeat_interleave(2, 0) + 0.05 * torch.randn(120, 300, generator=g)
+    rows = [{"subject": f"s{i // 2}"} for i in range(120)]
+    run = SimpleNamespace(latents=latents.reshape(120, 3, 10, 10), rows=rows)
+    train, test = list(range(80)), list(range(80, 120))
+    code = latents @ torch.randn(300, 4, generator=g)
+    linear = latent_readout(run, code[train], train, code[test], test)
+    assert 0.8 < linear["y_sem"] <= linear["latent_pca"] + 0.02 and linear["latent_pca"] > 0.9
+    names = torch.randn(60, 4, generator=g).repeat_interleave(2, 0)  # a random code per subject
+    memorised = latent_readout(run, names[train], train, names[test], test)
+    assert memorised["y_sem"] < 0.05 and memorised["latent_pca"] == linear["latent_pca"]
+
+
 def test_reconstruct_scores_autoencoder_and_ldae_per_step_count(run):
     state = load(run / "ae.pt")
     n_test = sum(state["split"][r["subject"]] == "test" for r in data.read_table(state["data_dir"]))
@@ -179,6 +198,8 @@ def test_reconstruct_scores_autoencoder_and_ldae_per_step_count(run):
     assert 0 <= losses["own_below_other_subject_fraction"] <= 1
     assert losses["mean_gap_other_minus_own"] == pytest.approx(losses["other_subject_y_sem"] - losses["own_y_sem"],
                                                                abs=1e-6)
+    readout = result["latent_readout"]
+    assert readout["y_sem"] <= 1 and readout["latent_pca"] <= 1 and readout["l2"] > 0
     assert losses["gap_over_bound"] == pytest.approx(losses["mean_gap_other_minus_own"] / losses["perfect_code_bound"])
     versus = result["random_zT_own_vs_other_subject"]
     assert versus["ssim_own_mean"] == pytest.approx(result["ldae_random_zT"]["ssim"])
