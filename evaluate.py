@@ -691,12 +691,11 @@ def latent_readout(run, y_train, train, y_test, test):
     explained = lambda pred: 1 - float(((pred - L_test) ** 2).sum() / ((L_test - L_test.mean(0)) ** 2).sum())
     X_train, X_test = standardize(y_train.double(), y_test.double())
     mse = lambda X, L, w, b: -float(((predict_ridge(X, w, b) - L) ** 2).mean())
-    l2 = choose_l2(fit_ridge, mse, X_train, L_train, [run.rows[i]["subject"] for i in train],
-                   [10.0 ** k for k in range(-1, 5)])
+    l2 = choose_l2(fit_ridge, mse, X_train, L_train, [run.rows[i]["subject"] for i in train], L2_GRID)
     w, b = fit_ridge(X_train, L_train, l2)
     mean, components, _ = pca_fit(L_train, y_train.shape[1])
     return {"y_sem": explained(predict_ridge(X_test, w, b)), "l2": l2,
-            "latent_pca": explained(mean + (L_test - mean) @ components.T @ components)}
+            "latent_pca": explained(pca_transform(L_test, mean, components) @ components + mean)}
 
 
 def other_subject_partner(subjects):
