@@ -384,6 +384,27 @@ class SemanticEncoder(nn.Module):
         return self.standardise(self.norm(pooled + h).squeeze(1))
 
 
+class VolumeEncoder(nn.Module):
+    """Image (B, 1, D, H, W) -> y_sem (B, y_dim) by a 3D CNN, not METHOD 4's slices: strided stages of
+    conv-GN-SiLU, a linear head over the flattened map (it keeps where each feature lies), then the same
+    LayerNorm and batch standardisation as SemanticEncoder. On held-out subjects of real anatomy it carries a new
+    subject's latent where the slice encoder carries none of it (docs/results.md)."""
+
+    def __init__(self, y_dim, widths, image_shape):
+        super().__init__()
+        layers, ch = [], 1
+        for w in widths:
+            layers += [nn.Conv3d(ch, w, 3, stride=2, padding=1), nn.GroupNorm(math.gcd(8, w), w), nn.SiLU()]
+            ch = w
+        self.net = nn.Sequential(*layers)
+        self.proj = nn.Linear(ch * math.prod(-(-s // 2 ** len(widths)) for s in image_shape), y_dim)
+        self.norm = nn.LayerNorm(y_dim)
+        self.standardise = nn.BatchNorm1d(y_dim, affine=False)
+
+    def forward(self, x):
+        return self.standardise(self.norm(self.proj(self.net(x).flatten(1))))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Diffusion (METHOD 0, 3, 4, 5). Symbols, each a float64 tensor over t = 0..T-1:
 #   beta        linear from 1e-4 to 0.02           alpha      = 1 - beta
@@ -608,6 +629,8 @@ class Preset:
     encoder_widths: tuple
     encoder_heads: int
     encoder_flatten: bool  # slice head over the flattened map (keeps position) instead of the average pool
+    encoder_volume: tuple  # widths of VolumeEncoder, a 3D CNN in place of METHOD 4's slices (then encoder_widths,
+    # heads, dropout and flatten are unused); () for the slices. Measured at the cpu preset: (16, 32, 64)
     v_output: bool  # the UNet's output is v, and eps_theta follows from it (UNet)
     stage1: dict  # train_ae.py's schedule: defaults of its flags
     stage2: dict  # train_ldae.py's schedule
@@ -628,6 +651,8 @@ class Preset:
                     self.unet_heads, self.unet_dropout, self.y_dim, self.latent_shape[1:], self.v_output)
 
     def encoder(self):
+        if self.encoder_volume:
+            return VolumeEncoder(self.y_dim, self.encoder_volume, self.image_shape)
         return SemanticEncoder(self.y_dim, self.encoder_widths, self.encoder_heads, self.encoder_dropout,
                                self.image_shape[:2] if self.encoder_flatten else None)
 
@@ -650,18 +675,18 @@ PRESETS = {
     "tiny": Preset(image_shape=(16, 20, 16), spacing=12.0, ae_channels=(8, 16), ae_blocks=1, latent_channels=3,
                    disc_channels=8, disc_layers=1, unet_base=16, unet_mults=(1, 2), unet_blocks=1,
                    unet_attention=(2,), unet_heads=1, unet_dropout=0.0, encoder_dropout=0.1, y_dim=16,
-                   encoder_widths=(8, 16), encoder_heads=2, encoder_flatten=True, v_output=True, stage1=CPU_STAGE1,
-                   stage2=CPU_STAGE2),
+                   encoder_widths=(8, 16), encoder_heads=2, encoder_flatten=True, encoder_volume=(),
+                   v_output=True, stage1=CPU_STAGE1, stage2=CPU_STAGE2),
     "cpu": Preset(image_shape=(48, 64, 48), spacing=3.5, ae_channels=(16, 32, 64), ae_blocks=1, latent_channels=2,
                   disc_channels=16, disc_layers=3, unet_base=32, unet_mults=(1, 2, 2), unet_blocks=1,
                   unet_attention=(4,), unet_heads=1, unet_dropout=0.0, encoder_dropout=0.1, y_dim=128,
-                  encoder_widths=(16, 32, 64, 128), encoder_heads=8, encoder_flatten=True, v_output=True,
-                  stage1=CPU_STAGE1, stage2=CPU_STAGE2),
+                  encoder_widths=(16, 32, 64, 128), encoder_heads=8, encoder_flatten=True, encoder_volume=(),
+                  v_output=True, stage1=CPU_STAGE1, stage2=CPU_STAGE2),
     "paper": Preset(image_shape=(128, 160, 128), spacing=1.5, ae_channels=(64, 128, 128, 128), ae_blocks=2,
                     latent_channels=3, disc_channels=64, disc_layers=3, unet_base=256, unet_mults=(1, 2, 3),
                     unet_blocks=2, unet_attention=(2, 4), unet_heads=1, unet_dropout=0.1, encoder_dropout=0.1,
                     y_dim=768, encoder_widths=(64, 128, 256, 512), encoder_heads=8, encoder_flatten=False,
-                    v_output=False, stage1=PAPER_STAGE1, stage2=PAPER_STAGE2),
+                    encoder_volume=(), v_output=False, stage1=PAPER_STAGE1, stage2=PAPER_STAGE2),
 }
 
 
@@ -880,6 +905,16 @@ def save_checkpoint(state, path):
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"{path}: could not save the checkpoint ({e.strerror or e}); the previous one is "
                               f"unchanged. Free disk space or choose a writable --out.") from e
+
+
+def load_weights(module, weights, path, what):
+    """load_state_dict, refusing with the file's name where the weights are of another shape: a preset's networks
+    can change between versions of ldae, or be edited (say, encoder_volume set) after a run was trained."""
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: its {what} does not fit this version's preset ({str(e).splitlines()[0]}); "
+                              f"it was written by another version of ldae: train that stage again into a new --out")
 
 
 def load_checkpoint(path, fallback=False):

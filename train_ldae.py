@@ -119,8 +119,8 @@ def main(cfg):
     init_seed = cfg.seed  # the seed of the networks' random start: evaluate.untrained_encoder draws it again
     todo = ["pretrain", "repr"] if cfg.stage == "all" else [cfg.stage]
     if state:
-        unet.load_state_dict(state["unet"])
-        encoder.load_state_dict(state["encoder"])
+        ldae.load_weights(unet, state["unet"], ckpt_path, "latent UNet")
+        ldae.load_weights(encoder, state["encoder"], ckpt_path, "semantic encoder")
         init_seed = state.get("init_seed", state["config"]["seed"])
         done = {("pretrain", True): ["pretrain"], ("repr", False): ["pretrain"], ("repr", True): ["pretrain", "repr"]}
         todo = [s for s in todo if s not in done.get((state["stage"], state["finished"]), [])]

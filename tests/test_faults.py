@@ -2,6 +2,7 @@
 bad scans and tables through the training entry point, requests the run cannot serve, a full disk."""
 
 import csv
+import dataclasses
 import errno
 import gzip
 import os
@@ -313,3 +314,11 @@ def test_disk_full_during_training_stops_with_the_reason_and_keeps_the_last_save
     assert code == 1 and "could not save" in message and "No space left on device" in message
     monkeypatch.undo()
     assert load(run / "ae.pt")["step"] == 1
+
+
+def test_weights_of_another_encoder_are_refused_with_the_file_name(tmp_path):
+    """A checkpoint written before a preset's encoder_volume was set, loaded after."""
+    tiny = ldae.PRESETS["tiny"]
+    volume = dataclasses.replace(tiny, encoder_volume=(8, 16))
+    with pytest.raises(ldae.CheckpointError, match=r"ldae.pt: its semantic encoder does not fit this version"):
+        ldae.load_weights(volume.encoder(), tiny.encoder().state_dict(), tmp_path / "ldae.pt", "semantic encoder")

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -6,9 +7,11 @@ import torch
 import ldae
 
 
-@pytest.mark.parametrize("name", ["tiny", "cpu", "paper"])
+@pytest.mark.parametrize("name", ["tiny", "cpu", "paper", "cpu with encoder_volume"])
 def test_every_module_has_the_preset_shapes(name):
-    p = ldae.PRESETS[name]
+    p = ldae.PRESETS[name.split()[0]]
+    if name.endswith("encoder_volume"):
+        p = dataclasses.replace(p, encoder_volume=(16, 32, 64))
     with torch.device("meta" if name == "paper" else "cpu"):  # paper-size tensors cost nothing on meta
         ae, disc, unet, enc = p.autoencoder(), p.discriminator(), p.unet(), p.encoder()
         x = torch.rand(2, 1, *p.image_shape)
@@ -113,9 +116,10 @@ def test_estimator_starts_at_zero_so_eps_hat_equals_eps_theta():
     assert eps.abs().max() > 0 and torch.equal(g, torch.zeros_like(g))
 
 
-def test_stage_2b_step_moves_only_the_estimator_and_encoder():
+@pytest.mark.parametrize("volume", [(), (8, 16)])
+def test_stage_2b_step_moves_only_the_estimator_and_encoder(volume):
     torch.manual_seed(0)
-    p, d = ldae.PRESETS["tiny"], ldae.Diffusion()
+    p, d = dataclasses.replace(ldae.PRESETS["tiny"], encoder_volume=volume), ldae.Diffusion()
     unet, enc = p.unet(), p.encoder()
     unet.freeze_eps_theta()
     unet.train()
