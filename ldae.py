@@ -913,8 +913,9 @@ def load_weights(module, weights, path, what):
     try:
         module.load_state_dict(weights)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: its {what} does not fit this version's preset ({str(e).splitlines()[0]}); "
-                              f"it was written by another version of ldae: train that stage again into a new --out")
+        raise CheckpointError(f"{path}: its {what} does not fit this preset's networks ({str(e).splitlines()[0]}); "
+                              f"it was written by another version of ldae or before the preset was edited: train "
+                              f"that stage again into a new --out")
 
 
 def load_checkpoint(path, fallback=False):

@@ -320,5 +320,5 @@ def test_weights_of_another_encoder_are_refused_with_the_file_name(tmp_path):
     """A checkpoint written before a preset's encoder_volume was set, loaded after."""
     tiny = ldae.PRESETS["tiny"]
     volume = dataclasses.replace(tiny, encoder_volume=(8, 16))
-    with pytest.raises(ldae.CheckpointError, match=r"ldae.pt: its semantic encoder does not fit this version"):
+    with pytest.raises(ldae.CheckpointError, match=r"ldae.pt: its semantic encoder does not fit this preset's networks"):
         ldae.load_weights(volume.encoder(), tiny.encoder().state_dict(), tmp_path / "ldae.pt", "semantic encoder")
