@@ -333,6 +333,11 @@ def position_encoding(n, dim, device):
     return timestep_embedding(torch.arange(n, device=device), dim)
 
 
+def strided_positions(shape, stages):
+    """Positions left of a map of this shape after `stages` stride-2 convolutions (each: ceil(s / 2))."""
+    return math.prod(-(-s // 2 ** stages) for s in shape)
+
+
 class SliceCNN(nn.Module):
     """Small 2D CNN shared by every axial slice: strided stages of conv-GN-SiLU, then a linear head over the
     global average pool, or, given slice_shape (D, H), over the flattened map, which keeps where a feature is."""
@@ -347,7 +352,7 @@ class SliceCNN(nn.Module):
         self.net = nn.Sequential(*layers)
         self.flatten = slice_shape is not None
         if self.flatten:
-            ch *= math.prod(-(-s // 2 ** len(widths)) for s in slice_shape)  # each stride-2 conv: ceil(s / 2)
+            ch *= strided_positions(slice_shape, len(widths))
         self.proj = nn.Linear(ch, out_dim)
 
     def forward(self, x):  # (N, 1, D, H) -> (N, out_dim)
@@ -397,7 +402,7 @@ class VolumeEncoder(nn.Module):
             layers += [nn.Conv3d(ch, w, 3, stride=2, padding=1), nn.GroupNorm(math.gcd(8, w), w), nn.SiLU()]
             ch = w
         self.net = nn.Sequential(*layers)
-        self.proj = nn.Linear(ch * math.prod(-(-s // 2 ** len(widths)) for s in image_shape), y_dim)
+        self.proj = nn.Linear(ch * strided_positions(image_shape, len(widths)), y_dim)
         self.norm = nn.LayerNorm(y_dim)
         self.standardise = nn.BatchNorm1d(y_dim, affine=False)
 
