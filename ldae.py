@@ -635,7 +635,7 @@ class Preset:
     encoder_heads: int
     encoder_flatten: bool  # slice head over the flattened map (keeps position) instead of the average pool
     encoder_volume: tuple  # widths of VolumeEncoder, a 3D CNN in place of METHOD 4's slices (then encoder_widths,
-    # heads, dropout and flatten are unused); () for the slices. Measured at the cpu preset: (16, 32, 64)
+    # heads, dropout and flatten are unused); () for METHOD's slices, as at the paper preset
     v_output: bool  # the UNet's output is v, and eps_theta follows from it (UNet)
     stage1: dict  # train_ae.py's schedule: defaults of its flags
     stage2: dict  # train_ldae.py's schedule
@@ -680,12 +680,13 @@ PRESETS = {
     "tiny": Preset(image_shape=(16, 20, 16), spacing=12.0, ae_channels=(8, 16), ae_blocks=1, latent_channels=3,
                    disc_channels=8, disc_layers=1, unet_base=16, unet_mults=(1, 2), unet_blocks=1,
                    unet_attention=(2,), unet_heads=1, unet_dropout=0.0, encoder_dropout=0.1, y_dim=16,
-                   encoder_widths=(8, 16), encoder_heads=2, encoder_flatten=True, encoder_volume=(),
+                   encoder_widths=(8, 16), encoder_heads=2, encoder_flatten=True, encoder_volume=(8, 16),
                    v_output=True, stage1=CPU_STAGE1, stage2=CPU_STAGE2),
     "cpu": Preset(image_shape=(48, 64, 48), spacing=3.5, ae_channels=(16, 32, 64), ae_blocks=1, latent_channels=2,
                   disc_channels=16, disc_layers=3, unet_base=32, unet_mults=(1, 2, 2), unet_blocks=1,
                   unet_attention=(4,), unet_heads=1, unet_dropout=0.0, encoder_dropout=0.1, y_dim=128,
-                  encoder_widths=(16, 32, 64, 128), encoder_heads=8, encoder_flatten=True, encoder_volume=(),
+                  encoder_widths=(16, 32, 64, 128), encoder_heads=8, encoder_flatten=True,
+                  encoder_volume=(16, 32, 64),
                   v_output=True, stage1=CPU_STAGE1, stage2=CPU_STAGE2),
     "paper": Preset(image_shape=(128, 160, 128), spacing=1.5, ae_channels=(64, 128, 128, 128), ae_blocks=2,
                     latent_channels=3, disc_channels=64, disc_layers=3, unet_base=256, unet_mults=(1, 2, 3),

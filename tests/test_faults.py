@@ -317,8 +317,8 @@ def test_disk_full_during_training_stops_with_the_reason_and_keeps_the_last_save
 
 
 def test_weights_of_another_encoder_are_refused_with_the_file_name(tmp_path):
-    """A checkpoint written before a preset's encoder_volume was set, loaded after."""
+    """A checkpoint of the slice encoder (encoder_volume=()) loaded into a preset's 3D CNN encoder."""
     tiny = ldae.PRESETS["tiny"]
-    volume = dataclasses.replace(tiny, encoder_volume=(8, 16))
+    slices = dataclasses.replace(tiny, encoder_volume=())
     with pytest.raises(ldae.CheckpointError, match=r"ldae.pt: its semantic encoder does not fit this preset's networks"):
-        ldae.load_weights(volume.encoder(), tiny.encoder().state_dict(), tmp_path / "ldae.pt", "semantic encoder")
+        ldae.load_weights(tiny.encoder(), slices.encoder().state_dict(), tmp_path / "ldae.pt", "semantic encoder")
