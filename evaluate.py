@@ -346,13 +346,8 @@ def semantic(run, indices, batch_size, desc="semantic encoder", encoder=None):
 
 
 def untrained_encoder(run):
-    """The semantic encoder stage 2 started from: train_ldae.py seeds with its --seed, then builds the UNet and
-    the encoder (stage 2b started from stage 2a's, whatever its own --seed), so doing the same with that seed draws
-    the same random weights. The global RNG is left as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(run.init_seed)
-        run.preset.unet()
-        return run.preset.encoder().to(run.device).eval()
+    """The semantic encoder stage 2b started from (the same architecture and random weights)."""
+    return run.preset.untrained_encoder(run.init_seed).to(run.device).eval()
 
 
 @torch.no_grad()

@@ -661,6 +661,14 @@ class Preset:
         return SemanticEncoder(self.y_dim, self.encoder_widths, self.encoder_heads, self.encoder_dropout,
                                self.image_shape[:2] if self.encoder_flatten else None)
 
+    def untrained_encoder(self, seed):
+        """The encoder stage 2b starts from: train_ldae.py seeds with the run's first --seed, then builds the UNet
+        and the encoder, so doing the same draws the same random weights. The global RNG is left as it was."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.unet()
+            return self.encoder()
+
 
 # Schedules. The paper's values are METHOD 2-4's (2a's batch of 128 as 16 x 8 accumulated, to fit a GPU; METHOD
 # gives no stage-2b length: 100 epochs is ours). The cpu schedule was measured on the demo cohort (docs/results.md)

@@ -116,12 +116,15 @@ def main(cfg):
 
     torch.manual_seed(cfg.seed)
     unet, encoder = preset.unet().to(device), preset.encoder().to(device)
-    init_seed = cfg.seed  # the seed of the networks' random start: evaluate.untrained_encoder draws it again
+    init_seed = cfg.seed  # the seed of the networks' random start: Preset.untrained_encoder draws it again
     todo = ["pretrain", "repr"] if cfg.stage == "all" else [cfg.stage]
     if state:
         ldae.load_weights(unet, state["unet"], ckpt_path, "latent UNet")
-        ldae.load_weights(encoder, state["encoder"], ckpt_path, "semantic encoder")
         init_seed = state.get("init_seed", state["config"]["seed"])
+        if state["stage"] == "pretrain":  # stage 2a leaves the encoder untrained: drawn again, so that a preset's
+            encoder = preset.untrained_encoder(init_seed).to(device)  # new encoder can start from an old stage 2a
+        else:
+            ldae.load_weights(encoder, state["encoder"], ckpt_path, "semantic encoder")
         done = {("pretrain", True): ["pretrain"], ("repr", False): ["pretrain"], ("repr", True): ["pretrain", "repr"]}
         todo = [s for s in todo if s not in done.get((state["stage"], state["finished"]), [])]
     if todo[:1] == ["repr"] and (not state or state["stage"] == "pretrain" and not state["finished"]):

@@ -2,6 +2,7 @@
 two processes, safe checkpoints, and a NaN loss that stops the run."""
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -234,6 +235,22 @@ def test_stage_2b_run_with_another_seed_keeps_the_seed_of_its_random_start(ae_ru
     assert load(run / "ldae.pt")["init_seed"] == 0
     rebuilt = untrained_encoder(open_run(Config(out=str(run)))).state_dict()
     assert all(torch.equal(v, start[k]) for k, v in rebuilt.items())
+
+
+def test_stage_2b_draws_the_presets_encoder_when_stage_2a_ran_with_another(ae_run, copy_run, monkeypatch):
+    """Stage 2a trained under the slice encoder, then the preset switched to its 3D CNN: stage 2b starts that
+    encoder from the run's seed instead of refusing stage 2a's stored, untrained one."""
+    run, tiny = copy_run(ae_run), ldae.PRESETS["tiny"]
+    monkeypatch.setitem(ldae.PRESETS, "tiny", dataclasses.replace(tiny, encoder_volume=()))
+    assert run_cli("train_ldae.py", "--out", run, "--stage", "pretrain", *LDAE_FLAGS) == (0, "")
+    slices = load(run / "ldae.pt")["encoder"]
+    monkeypatch.setitem(ldae.PRESETS, "tiny", tiny)
+    with pytest.raises(ldae.CheckpointError):
+        ldae.load_weights(tiny.encoder(), slices, run / "ldae.pt", "semantic encoder")
+    assert run_cli("train_ldae.py", "--out", run, "--stage", "repr", *LDAE_FLAGS) == (0, "")
+    state = load(run / "ldae.pt")
+    assert state["stage"] == "repr" and state["finished"]
+    ldae.load_weights(tiny.encoder(), state["encoder"], run / "ldae.pt", "semantic encoder")
 
 
 def test_two_process_gloo_run_writes_a_loadable_checkpoint(cohort, tmp_path):
