@@ -713,7 +713,7 @@ def _warped_subject(job):
         nib.save(nib.Nifti1Image(np.clip(np.round(image), 0, 255).astype(np.uint8), _REAL["affine"]),
                  str(Path(out_dir) / path))
         rows.append(dict(subject=subject, session=f"M{m:02d}", path=path, diagnosis=diagnosis, age=f"{age:.2f}",
-                         months=m))
+                         months=m, cortical_thinning_mm=f"{thinning:.3f}", ventricle_expansion=f"{growth:.3f}"))
     return rows
 
 

@@ -519,14 +519,26 @@ def ad_scans(run):
     return train, test
 
 
-MEASURES = ("ventricle_ml", "hippocampus_ml", "cortex_thickness_mm")  # the synthetic cohort's ground truth
+# The synthetic cohorts' ground truth: the procedural cohort's structure sizes, measured on its label maps, and a
+# --from cohort's atrophy, the amounts its warp applied to each scan.
+MEASURES = ("ventricle_ml", "hippocampus_ml", "cortex_thickness_mm", "cortical_thinning_mm", "ventricle_expansion")
 
 
-def probe_features(run, y_sem, y_sem_untrained, train, test):
+def cohort_measures(run, scans):
+    """The MEASURES the cohort table gives for every one of the scans (none for a cohort of your own)."""
+    def number(value):
+        try:
+            return math.isfinite(float(value))
+        except (TypeError, ValueError):
+            return False
+    return [m for m in MEASURES if all(number(run.rows[i].get(m)) for i in scans)]
+
+
+def probe_features(run, y_sem, y_sem_untrained, train, test, measures=()):
     """(train, test) features per method, fitted on train only: y_sem (rows of the (N, y_dim) y_sem), the same
     from the encoder's random start (what training added), PCA of the voxels (k = min(50, n - 1)), the
-    flattened AE latent; and where the cohort table has them for every scan (the synthetic cohort does), its
-    measured structure sizes (MEASURES): a ceiling, what a code that knew the atrophy exactly would score."""
+    flattened AE latent; and given the cohort's measures (cohort_measures), those: a ceiling, what a code that
+    knew the atrophy exactly would score."""
     voxels = lambda idx: torch.tensor(np.asarray(run.images[idx]).reshape(len(idx), -1))  # (n, D * H * W)
     train_voxels = voxels(train)
     mean, components, _ = pca_fit(train_voxels, 50)
@@ -535,16 +547,9 @@ def probe_features(run, y_sem, y_sem_untrained, train, test):
                 "baseline_pca": (pca_transform(train_voxels, mean, components),
                                  pca_transform(voxels(test), mean, components)),
                 "baseline_latent": (run.latents[train].flatten(1), run.latents[test].flatten(1))}
-
-    def measured(idx):
-        try:
-            return torch.tensor([[float(run.rows[i][m]) for m in MEASURES] for i in idx])
-        except (KeyError, ValueError):  # a scan without them
-            return None
-
-    truth = measured(train), measured(test)
-    if None not in truth:
-        features["reference_measured_atrophy"] = truth
+    if measures:
+        measured = lambda idx: torch.tensor([[float(run.rows[i][m]) for m in measures] for i in idx])
+        features["reference_measured_atrophy"] = measured(train), measured(test)
     return features
 
 
@@ -578,13 +583,14 @@ def probe_task(run, cfg, kind):
             raise SystemExit(f"error: the test split of {run.path / 'ae.pt'} is empty")
         target = lambda idx: torch.tensor([run.rows[i]["age"] for i in idx], dtype=torch.float64)
     scans = sorted(train + test)
+    measures = cohort_measures(run, scans)
     y_sem, y_sem_untrained = torch.zeros(2, len(run.rows), run.preset.y_dim)
     y_sem[scans] = semantic(run, scans, cfg.batch_size)
     y_sem_untrained[scans] = semantic(run, scans, cfg.batch_size, "untrained encoder", untrained_encoder(run))
 
     def scores(fit_idx, test_idx):
         groups, y_fit, y_test = [run.rows[i]["subject"] for i in fit_idx], target(fit_idx), target(test_idx)
-        features = probe_features(run, y_sem, y_sem_untrained, fit_idx, test_idx)
+        features = probe_features(run, y_sem, y_sem_untrained, fit_idx, test_idx, measures)
         out = {name: probe_scores(kind, X_fit, y_fit, groups, X_test, y_test)
                for name, (X_fit, X_test) in features.items()}
         if kind == "ridge":  # the floor a feature has to beat: every test scan gets the mean training age
@@ -592,7 +598,7 @@ def probe_task(run, cfg, kind):
         if kind == "ridge" and "reference_measured_atrophy" in features:  # what each feature carries of each size
             sizes_fit, sizes_test = features.pop("reference_measured_atrophy")
             for name, (X_fit, X_test) in features.items():
-                for j, measure in enumerate(MEASURES):
+                for j, measure in enumerate(measures):
                     fitted = probe_scores(kind, X_fit, sizes_fit[:, j], groups, X_test, sizes_test[:, j])
                     out[name][f"r2_{measure}"] = fitted["r2"]
         return out
@@ -1200,10 +1206,11 @@ def task_summary(run, cfg):
 
     def sizes_cell(result):  # the age task's R^2 of each measured size, where the cohort has them
         table = result.get("cross_validation", result)
-        if not all(f"r2_{m}" in table["ldae"] for m in MEASURES):
+        measures = [m for m in MEASURES if f"r2_{m}" in table["ldae"]]
+        if not measures:
             return "no measured sizes"
-        r2 = lambda name: " / ".join(f"{table[name]['r2_' + m]:.2f}" for m in MEASURES)
-        return f"{r2('ldae')} ({r2('baseline_pca')})"
+        return ", ".join(f"{m} {table['ldae']['r2_' + m]:.2f} ({table['baseline_pca']['r2_' + m]:.2f})"
+                         for m in measures)
 
     def off_cell(losses):  # reconstruct.json files written before the estimator-off loss was added lack it
         return f"{losses['estimator_off']:.5f}" if "estimator_off" in losses else "-"
@@ -1226,7 +1233,7 @@ def task_summary(run, cfg):
         "ad", lambda r: probe(r, "roc_auc", ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_latent")))
     row("age MAE, y (5-fold): y_sem / untrained encoder / PCA / mean age (measured atrophy)",
         "age", lambda r: probe(r, "mae", ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_mean_age")))
-    row("measured sizes from y_sem, R^2 (5-fold): ventricles / hippocampi / cortex thickness (from PCA)", "age",
+    row("measured atrophy from y_sem, R^2 (5-fold), each measure (from PCA)", "age",
         sizes_cell)
     row("DDPM samples: SSIM / latent distance to the nearest training scan (test scans)", "sample",
         lambda r: "{:.3f} / {:.0f} ({:.3f} / {:.0f})".format(

@@ -164,6 +164,18 @@ def test_subject_folds_keep_subjects_whole_and_spread_each_diagnosis():
         subject_folds(SimpleNamespace(rows=rows, path=Path("run")), list(range(len(rows))), 10, seed=0)
 
 
+def test_probe_ceiling_uses_the_atrophy_columns_every_scan_has():
+    from evaluate import cohort_measures
+    rows = [{"cortical_thinning_mm": "0.41", "ventricle_expansion": "0.12", "ventricle_ml": "20.5"},
+            {"cortical_thinning_mm": "0.00", "ventricle_expansion": "-0.03", "ventricle_ml": ""},
+            {"cortical_thinning_mm": "nan", "ventricle_expansion": "0.30"}]
+    run = SimpleNamespace(rows=rows)
+    assert cohort_measures(run, [0, 1]) == ["cortical_thinning_mm", "ventricle_expansion"]  # one blank size
+    assert cohort_measures(run, [0]) == ["ventricle_ml", "cortical_thinning_mm", "ventricle_expansion"]
+    assert cohort_measures(run, [1, 2]) == ["ventricle_expansion"]  # NaN is no measure
+    assert cohort_measures(SimpleNamespace(rows=[{"age": 70.0}]), [0]) == []  # a cohort of your own: no ceiling
+
+
 def test_latent_readout_tells_a_code_that_generalises_from_one_that_memorises():
     # 60 subjects x 2 scans of a latent with 4 shared directions plus each subject's own pattern: the first 40
     # subjects train, the last 20 are new. A code that is a linear map of the latent carries a new scan nearly as
