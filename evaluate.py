@@ -526,15 +526,11 @@ MEASURES = ("ventricle_ml", "hippocampus_ml", "cortex_thickness_mm", "cortical_t
 
 def cohort_measures(run, scans):
     """The MEASURES the cohort table gives for every one of the scans (none for a cohort of your own)."""
-    def number(value):
-        try:
-            return math.isfinite(float(value))
-        except (TypeError, ValueError):
-            return False
-    return [m for m in MEASURES if all(number(run.rows[i].get(m)) for i in scans)]
+    values = lambda m: [data._float(run.rows[i].get(m)) for i in scans]
+    return [m for m in MEASURES if all(v is not None and math.isfinite(v) for v in values(m))]
 
 
-def probe_features(run, y_sem, y_sem_untrained, train, test, measures=()):
+def probe_features(run, y_sem, y_sem_untrained, train, test, measures):
     """(train, test) features per method, fitted on train only: y_sem (rows of the (N, y_dim) y_sem), the same
     from the encoder's random start (what training added), PCA of the voxels (k = min(50, n - 1)), the
     flattened AE latent; and given the cohort's measures (cohort_measures), those: a ceiling, what a code that
