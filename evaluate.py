@@ -201,6 +201,15 @@ def pca_transform(X, mean, components):
     return (X.double() - mean) @ components.T
 
 
+def intensity_histogram(x, bins=32, floor=0.02):
+    """(B, 1, D, H, W) in [0, 1] -> (B, bins): the share of each scan's voxels above `floor` (the background) that
+    falls in each of `bins` equal intervals of (floor, 1]: the scan's tissue composition."""
+    inside = x.flatten(1) > floor
+    index = ((x.flatten(1) - floor) / (1 - floor) * bins).long().clamp(0, bins - 1)
+    counts = torch.zeros(x.shape[0], bins, device=x.device).scatter_add_(1, index, inside.float())
+    return counts / inside.sum(1, keepdim=True).clamp(min=1)
+
+
 def regression_metrics(pred, target):
     """MAE, RMSE and R^2 = 1 - MSE / the target's variance (1: perfect; 0: no better than the target's mean)."""
     target = target.double().flatten()
@@ -533,16 +542,18 @@ def cohort_measures(run, scans):
 def probe_features(run, y_sem, y_sem_untrained, train, test, measures):
     """(train, test) features per method, fitted on train only: y_sem (rows of the (N, y_dim) y_sem), the same
     from the encoder's random start (what training added), PCA of the voxels (k = min(50, n - 1)), the
-    flattened AE latent; and given the cohort's measures (cohort_measures), those: a ceiling, what a code that
-    knew the atrophy exactly would score."""
+    flattened AE latent, the intensity histogram (the tissue composition alone); and given the cohort's measures
+    (cohort_measures), those: a ceiling, what a code that knew the atrophy exactly would score."""
     voxels = lambda idx: torch.tensor(np.asarray(run.images[idx]).reshape(len(idx), -1))  # (n, D * H * W)
+    histogram = lambda idx: intensity_histogram(torch.tensor(np.asarray(run.images[idx])))
     train_voxels = voxels(train)
     mean, components, _ = pca_fit(train_voxels, 50)
     features = {"ldae": (y_sem[train], y_sem[test]),
                 "baseline_untrained_encoder": (y_sem_untrained[train], y_sem_untrained[test]),
                 "baseline_pca": (pca_transform(train_voxels, mean, components),
                                  pca_transform(voxels(test), mean, components)),
-                "baseline_latent": (run.latents[train].flatten(1), run.latents[test].flatten(1))}
+                "baseline_latent": (run.latents[train].flatten(1), run.latents[test].flatten(1)),
+                "baseline_histogram": (histogram(train), histogram(test))}
     if measures:
         measured = lambda idx: torch.tensor([[float(run.rows[i][m]) for m in measures] for i in idx])
         features["reference_measured_atrophy"] = measured(train), measured(test)
@@ -565,11 +576,11 @@ def subject_folds(run, scans, k, seed):
 
 
 def probe_task(run, cfg, kind):
-    """The y_sem probe beside three baselines fed to the same probe: y_sem of the untrained encoder, PCA of the
-    voxels, the flattened AE latent. Scored on the run's test split, and by K-fold cross-validation over every
-    scan (--folds; 5 by default where the cohort has 10 subjects or more). Where the cohort has measured structure
-    sizes, the age task also fits each size from each feature (same ridge probe) and reports R^2 as r2_<measure>:
-    which of the atrophy a feature carries."""
+    """The y_sem probe beside four baselines fed to the same probe: y_sem of the untrained encoder, PCA of the
+    voxels, the flattened AE latent, the intensity histogram. Scored on the run's test split, and by K-fold
+    cross-validation over every scan (--folds; 5 by default where the cohort has 10 subjects or more). Where the
+    cohort has measured structure sizes, the age task also fits each size from each feature (same ridge probe)
+    and reports R^2 as r2_<measure>: which of the atrophy a feature carries."""
     if kind == "logistic":
         train, test = ad_scans(run)
         target = lambda idx: torch.tensor([float(run.rows[i]["diagnosis"] == "AD") for i in idx])
@@ -1185,10 +1196,11 @@ def task_summary(run, cfg):
         elif command not in missing:
             missing.append(command)
 
-    def probe(result, metric, names):  # the K-fold figures where the task ran them, else the test split
+    def probe(result, metric, names):  # the K-fold figures where the task ran them, else the test split; "-" for
+        # a baseline the JSON lacks (written before the histogram baseline existed)
         table, digits = result.get("cross_validation", result), {"roc_auc": 3, "mae": 2}[metric]
         reference = table.get("reference_measured_atrophy")
-        return " / ".join(f"{table[n][metric]:.{digits}f}" for n in names) + (
+        return " / ".join(f"{table[n][metric]:.{digits}f}" if n in table else "-" for n in names) + (
             "" if reference is None else f" ({reference[metric]:.{digits}f})")
 
     def shortest_gap(result, method):  # interpolate's figures per gap in months, keyed by the gap
@@ -1205,8 +1217,9 @@ def task_summary(run, cfg):
         measures = [m for m in MEASURES if f"r2_{m}" in table["ldae"]]
         if not measures:
             return "no measured sizes"
-        return ", ".join(f"{m} {table['ldae']['r2_' + m]:.2f} ({table['baseline_pca']['r2_' + m]:.2f})"
-                         for m in measures)
+        baselines = [n for n in ("baseline_pca", "baseline_histogram") if n in table]
+        return ", ".join(f"{m} {table['ldae']['r2_' + m]:.2f} ("
+                         + ", ".join(f"{table[n]['r2_' + m]:.2f}" for n in baselines) + ")" for m in measures)
 
     def off_cell(losses):  # reconstruct.json files written before the estimator-off loss was added lack it
         return f"{losses['estimator_off']:.5f}" if "estimator_off" in losses else "-"
@@ -1225,11 +1238,13 @@ def task_summary(run, cfg):
             **r["stage2b_loss"]))
     row("y_sem spread / magnitude / effective rank (test scans)", "reconstruct",
         lambda r: "{spread:.2f} / {magnitude:.2f} / {effective_rank:.1f}".format(**r["y_sem_spread"]))
-    row("AD vs CN ROC-AUC (5-fold): y_sem / untrained encoder / PCA / AE latent (measured atrophy)",
-        "ad", lambda r: probe(r, "roc_auc", ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_latent")))
-    row("age MAE, y (5-fold): y_sem / untrained encoder / PCA / mean age (measured atrophy)",
-        "age", lambda r: probe(r, "mae", ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_mean_age")))
-    row("measured atrophy from y_sem, R^2 (5-fold), each measure (from PCA)", "age",
+    row("AD vs CN ROC-AUC (5-fold): y_sem / untrained encoder / PCA / AE latent / histogram (measured atrophy)",
+        "ad", lambda r: probe(r, "roc_auc", ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_latent",
+                                             "baseline_histogram")))
+    row("age MAE, y (5-fold): y_sem / untrained encoder / PCA / histogram / mean age (measured atrophy)",
+        "age", lambda r: probe(r, "mae", ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_histogram",
+                                          "baseline_mean_age")))
+    row("measured atrophy from y_sem, R^2 (5-fold), each measure (from PCA, from the histogram)", "age",
         sizes_cell)
     row("DDPM samples: SSIM / latent distance to the nearest training scan (test scans)", "sample",
         lambda r: "{:.3f} / {:.0f} ({:.3f} / {:.0f})".format(

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import ldae  # noqa: E402
 from conftest import load, run_script  # noqa: E402
-from evaluate import (Config, atrophy_reference, latent_readout, main, open_run, other_subject_partner,  # noqa: E402
-                      stage2b_loss_by_y_sem, untrained_encoder, write_png)
+from evaluate import (Config, atrophy_reference, intensity_histogram, latent_readout, main, open_run,  # noqa: E402
+                      other_subject_partner, stage2b_loss_by_y_sem, untrained_encoder, write_png)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the in-process calls: one thread, like the subprocesses
 
@@ -101,7 +101,8 @@ def test_ad_probe_scores_ldae_and_every_baseline(run):
     result = evaluate(run, "ad")
     assert result["n_train"] > 0 and result["n_test"] > 0 and result["positive_class"] == "AD"
     assert "cross_validation" not in result  # 8 subjects: too few for the default 5 folds, the test split only
-    for name in ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_latent", "reference_measured_atrophy"):
+    for name in ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_latent", "baseline_histogram",
+                 "reference_measured_atrophy"):
         m = result[name]  # the synthetic cohort's table has the measured atrophy: the reference row is there
         for key in ("accuracy", "precision", "recall", "f1", "roc_auc"):
             assert 0.0 <= m[key] <= 1.0, (name, key, m[key])
@@ -125,8 +126,8 @@ def test_untrained_encoder_is_the_random_start_of_stage_2b(run):
 
 def test_age_probe_reports_finite_errors_in_years(run):
     result = evaluate(run, "age")
-    for name in ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_latent", "baseline_mean_age",
-                 "reference_measured_atrophy"):
+    for name in ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_latent", "baseline_histogram",
+                 "baseline_mean_age", "reference_measured_atrophy"):
         m = result[name]
         assert math.isfinite(m["mae"]) and m["mae"] > 0 and m["rmse"] >= m["mae"]
     for name in ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_latent"):  # the cohort has sizes
@@ -174,6 +175,16 @@ def test_probe_ceiling_uses_the_atrophy_columns_every_scan_has():
     assert cohort_measures(run, [0]) == ["ventricle_ml", "cortical_thinning_mm", "ventricle_expansion"]
     assert cohort_measures(run, [1, 2]) == ["ventricle_expansion"]  # NaN is no measure
     assert cohort_measures(SimpleNamespace(rows=[{"age": 70.0}]), [0]) == []  # a cohort of your own: no ceiling
+
+
+def test_intensity_histogram_gives_each_bin_its_share_of_the_foreground():
+    x = torch.zeros(2, 1, 4, 4, 4)
+    x[0, 0, :2] = 0.3  # a quarter background, half 0.3, a quarter 1.0 (the top edge falls in the last bin)
+    x[0, 0, 2, :2] = 1.0
+    x[0, 0, 3, :2] = 1.0
+    x[1, 0] = 0.5  # no background
+    h = intensity_histogram(x, bins=4, floor=0.2)  # bins of width 0.2 over (0.2, 1]
+    assert torch.allclose(h, torch.tensor([[2 / 3, 0.0, 0.0, 1 / 3], [0.0, 1.0, 0.0, 0.0]]))
 
 
 def test_latent_readout_tells_a_code_that_generalises_from_one_that_memorises():
@@ -388,3 +399,9 @@ def test_summary_collects_the_readme_rows_from_the_tasks_json(run):
     cell = dict(result["rows"])["DDPM samples: SSIM / latent distance to the nearest training scan (test scans)"]
     assert cell.startswith(f"{sample['nearest_training_ssim']['samples']:.3f} / ")
     assert len(result["missing"]) == 6
+    ad = evaluate(run, "ad")  # 8 subjects: the test split's figures, each baseline in the row's order
+    rows = dict(evaluate(run, "summary")["rows"])
+    cell = rows["AD vs CN ROC-AUC (5-fold): y_sem / untrained encoder / PCA / AE latent / histogram (measured atrophy)"]
+    names = ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_latent", "baseline_histogram")
+    assert cell == " / ".join(f"{ad[n]['roc_auc']:.3f}" for n in names) + \
+        f" ({ad['reference_measured_atrophy']['roc_auc']:.3f})"
