@@ -202,7 +202,7 @@ def pca_transform(X, mean, components):
 
 
 def intensity_histogram(x, bins=32, floor=0.02):
-    """(B, 1, D, H, W) in [0, 1] -> (B, bins): the share of each scan's voxels above `floor` (the background) that
+    """Scans (B, ...) in [0, 1] -> (B, bins): the share of each scan's voxels above `floor` (the background) that
     falls in each of `bins` equal intervals of (floor, 1]: the scan's tissue composition."""
     inside = x.flatten(1) > floor
     index = ((x.flatten(1) - floor) / (1 - floor) * bins).long().clamp(0, bins - 1)
@@ -545,15 +545,14 @@ def probe_features(run, y_sem, y_sem_untrained, train, test, measures):
     flattened AE latent, the intensity histogram (the tissue composition alone); and given the cohort's measures
     (cohort_measures), those: a ceiling, what a code that knew the atrophy exactly would score."""
     voxels = lambda idx: torch.tensor(np.asarray(run.images[idx]).reshape(len(idx), -1))  # (n, D * H * W)
-    histogram = lambda idx: intensity_histogram(torch.tensor(np.asarray(run.images[idx])))
-    train_voxels = voxels(train)
+    train_voxels, test_voxels = voxels(train), voxels(test)
     mean, components, _ = pca_fit(train_voxels, 50)
     features = {"ldae": (y_sem[train], y_sem[test]),
                 "baseline_untrained_encoder": (y_sem_untrained[train], y_sem_untrained[test]),
                 "baseline_pca": (pca_transform(train_voxels, mean, components),
-                                 pca_transform(voxels(test), mean, components)),
+                                 pca_transform(test_voxels, mean, components)),
                 "baseline_latent": (run.latents[train].flatten(1), run.latents[test].flatten(1)),
-                "baseline_histogram": (histogram(train), histogram(test))}
+                "baseline_histogram": (intensity_histogram(train_voxels), intensity_histogram(test_voxels))}
     if measures:
         measured = lambda idx: torch.tensor([[float(run.rows[i][m]) for m in measures] for i in idx])
         features["reference_measured_atrophy"] = measured(train), measured(test)

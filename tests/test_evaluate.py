@@ -130,7 +130,8 @@ def test_age_probe_reports_finite_errors_in_years(run):
                  "baseline_mean_age", "reference_measured_atrophy"):
         m = result[name]
         assert math.isfinite(m["mae"]) and m["mae"] > 0 and m["rmse"] >= m["mae"]
-    for name in ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_latent"):  # the cohort has sizes
+    for name in ("ldae", "baseline_untrained_encoder", "baseline_pca", "baseline_latent",
+                 "baseline_histogram"):  # the cohort has sizes
         for measure in ("ventricle_ml", "hippocampus_ml", "cortex_thickness_mm"):
             assert -math.inf < result[name][f"r2_{measure}"] <= 1.0, (name, measure)
     state = load(run / "ae.pt")
