@@ -18,8 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import ldae  # noqa: E402
 from conftest import load, run_script  # noqa: E402
-from evaluate import (Config, atrophy_reference, intensity_histogram, latent_readout, main, open_run,  # noqa: E402
-                      other_subject_partner, stage2b_loss_by_y_sem, untrained_encoder, write_png)
+from evaluate import (Config, atrophy_reference, cohort_measures, intensity_histogram,  # noqa: E402
+                      latent_readout, main, open_run, other_subject_partner, stage2b_loss_by_y_sem,
+                      untrained_encoder, write_png)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the in-process calls: one thread, like the subprocesses
 
@@ -167,7 +168,6 @@ def test_subject_folds_keep_subjects_whole_and_spread_each_diagnosis():
 
 
 def test_probe_ceiling_uses_the_atrophy_columns_every_scan_has():
-    from evaluate import cohort_measures
     rows = [{"cortical_thinning_mm": "0.41", "ventricle_expansion": "0.12", "ventricle_ml": "20.5"},
             {"cortical_thinning_mm": "0.00", "ventricle_expansion": "-0.03", "ventricle_ml": ""},
             {"cortical_thinning_mm": "nan", "ventricle_expansion": "0.30"}]
