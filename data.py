@@ -485,15 +485,15 @@ def _gradient_norm(field):
     return np.sqrt(sum(g ** 2 for g in np.gradient(field, SYNTH_SPACING))) + 1e-6
 
 
-def random_anatomy(rng):
+def random_anatomy(rng, warp_mm=4.0):
     """What makes one subject's brain its own, fixed across visits: size, shape, folds, baselines."""
     size = rng.normal(1.0, 0.05)
     radii = size * np.array([68.0, 84.0, 58.0]) * rng.normal(1.0, 0.03, 3)
     # World coordinates (RAS mm) pushed around by a smooth random warp: every structure is displaced
-    # and bent consistently, as in a real brain registered to a template.
+    # and bent consistently, as real brains differ after an affine registration to a template.
     axes = [(np.arange(n, dtype=np.float32) - (n - 1) / 2) * SYNTH_SPACING for n in SYNTH_SHAPE]
     xyz = np.stack(np.meshgrid(*axes, indexing="ij"))
-    xyz += np.stack([_smooth_field(rng, 30.0) for _ in range(3)]) * 4.0
+    xyz += np.stack([_smooth_field(rng, 30.0) for _ in range(3)]) * warp_mm
     x, y, z = xyz - BRAIN_CENTRE[:, None, None, None].astype(np.float32)
     # Brain: an ellipsoid, flatter below, with smooth bumps; depth = distance inward from its surface.
     rz = np.where(z < 0, 0.8 * radii[2], radii[2])
@@ -617,11 +617,11 @@ def _visit_plan(rng, diagnosis):
 
 def _synth_subject(job):
     """Write one subject's visits; returns their table rows. Seeded by (seed, index): order-free."""
-    out_dir, seed, index, diagnosis = job
+    out_dir, seed, index, diagnosis, warp_mm = job
     rng = np.random.default_rng([seed, index])
     subject = f"sub-{index:04d}"
     plan = _visit_plan(rng, diagnosis)
-    anatomy = random_anatomy(rng)
+    anatomy = random_anatomy(rng, warp_mm)
     (Path(out_dir) / subject).mkdir(parents=True, exist_ok=True)
     rows = []
     for m, age, severity in plan:
@@ -685,7 +685,7 @@ def _load_real_anatomy(t1_path):
 
 def _warped_subject(job):
     """Write one subject's visits of the real-anatomy cohort; returns their table rows."""
-    out_dir, seed, index, diagnosis = job
+    out_dir, seed, index, diagnosis, warp_mm = job
     rng = np.random.default_rng([seed, index])
     subject = f"sub-{index:04d}"
     plan = _visit_plan(rng, diagnosis)
@@ -696,8 +696,8 @@ def _warped_subject(job):
         field = ndimage.zoom(rng.standard_normal(coarse), [n / c for n, c in zip(volume.shape, coarse)], order=3)
         return (field / field.std() * amplitude_mm / spacing).astype(np.float32)
 
-    own = grid + np.stack([smooth_field(30.0, 4.0) for _ in range(3)]) + \
-        (rng.uniform(-3.0, 3.0, 3) / spacing)[:, None, None, None].astype(np.float32)
+    own = grid + np.stack([smooth_field(30.0, warp_mm) for _ in range(3)]) + \
+        (rng.uniform(-0.75, 0.75, 3) * warp_mm / spacing)[:, None, None, None].astype(np.float32)
     gain, thinning0, growth0 = rng.uniform(0.9, 1.1), rng.normal(0.0, 0.15), rng.normal(0.0, 0.1)
     (Path(out_dir) / subject).mkdir(parents=True, exist_ok=True)
     rows = []
@@ -717,13 +717,15 @@ def _warped_subject(job):
     return rows
 
 
-def synthesize(out_dir, subjects=200, seed=0, t1=None):
+def synthesize(out_dir, subjects=200, seed=0, t1=None, warp_mm=4.0):
     """Write the synthetic cohort to out_dir, procedural brains or (t1: a skull-stripped T1's path) that real
-    brain warped; returns its participants.csv (written last)."""
+    brain warped; returns its participants.csv (written last). warp_mm: the size of each subject's own smooth warp
+    (and of a t1 cohort's shift, 0.75 of it): how far apart the subjects' anatomy lies, as after an affine registration
+    (4) or a good nonlinear one (1 or less)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     diagnoses = np.random.default_rng(seed).permutation(np.resize(DIAGNOSIS_MIX, subjects))
-    jobs = [(str(out_dir), seed, i, str(d)) for i, d in enumerate(diagnoses)]
+    jobs = [(str(out_dir), seed, i, str(d), warp_mm) for i, d in enumerate(diagnoses)]
     workers = min(os.cpu_count() or 1, max(1, subjects // 8))
     desc = f"synthesizing {subjects} subjects" + (f" from {t1}" if t1 else "")
     make, setup, args = _synth_subject, None, ()
@@ -771,11 +773,13 @@ def main():
     parser.add_argument("--csv", help="cohort table, if not DIR/participants.csv or a BIDS participants.tsv")
     parser.add_argument("--subjects", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warp-mm", type=float, default=4.0, help="with --synth: the size of each subject's own "
+                        "smooth warp, mm (4: brains registered by an affine map; 1: by a good nonlinear one)")
     args = parser.parse_args()
     if args.t1 and not args.synth:
         parser.error("--from goes with --synth DIR")
     if args.synth:
-        print(f"wrote {synthesize(args.synth, args.subjects, args.seed, args.t1)}")
+        print(f"wrote {synthesize(args.synth, args.subjects, args.seed, args.t1, args.warp_mm)}")
         return 0
     good, problems = check_cohort(args.check, args.csv)
     for line in problems:

@@ -676,6 +676,11 @@ def task_reconstruct(run, cfg):
     losses = stage2b_loss_by_y_sem(run, run.latents[indices], y_sem, cfg.seed, partner)
     # how much a y_sem that knew each latent exactly could save, on a Gaussian model of the training latents
     losses["perfect_code_bound"] = float(run.diffusion.code_saving(run.latents[train]).mean())
+    # of that, the part a code could save by knowing each visit once it knows the subject (docs/results.md)
+    within = within_subject_bound(run, train)
+    losses["within_subject_bound"] = within
+    losses["within_subject_share"] = (within / losses["perfect_code_bound"]
+                                      if within is not None and losses["perfect_code_bound"] > 0 else None)
     if partner:
         gap, bound = losses["mean_gap_other_minus_own"], losses["perfect_code_bound"]
         losses["gap_over_bound"] = gap / bound if bound > 0 else None
@@ -703,6 +708,22 @@ def latent_readout(run, y_train, train, y_test, test):
     mean, components, _ = pca_fit(L_train, y_train.shape[1])
     return {"y_sem": explained(predict_ridge(X_test, w, b)), "l2": l2,
             "latent_pca": explained(pca_transform(L_test, mean, components) @ components + mean)}
+
+
+def within_subject_bound(run, indices):
+    """The perfect-code bound (Diffusion.code_saving) of the scans' latents about their own subject's mean latent:
+    what a code could save by knowing each visit once it knows whose scan it is. That is the change between visits
+    (atrophy, and whatever else differs from scan to scan), not the subject's anatomy. Subjects seen once drop out;
+    each deviation is scaled by sqrt(n / (n - 1)), n the subject's scans, so its variance is unbiased. None when
+    no subject has two scans."""
+    by_subject = {}
+    for i in indices:
+        by_subject.setdefault(run.rows[i]["subject"], []).append(i)
+    deviations = [(run.latents[s] - run.latents[s].mean(0)) * math.sqrt(len(s) / (len(s) - 1))
+                  for s in by_subject.values() if len(s) > 1]
+    if not deviations:
+        return None
+    return float(run.diffusion.code_saving(torch.cat(deviations)).mean())
 
 
 def other_subject_partner(subjects):

@@ -310,6 +310,20 @@ def test_a_cohort_warped_from_one_t1_gains_csf_with_disease_and_refuses_a_scan_i
         data.synthesize(tmp_path / "bad", subjects=1, t1=write_nifti(tmp_path / "bright.nii.gz", smooth_volume()))
 
 
+def test_warp_mm_sets_how_far_apart_the_subjects_brains_lie(tmp_path):
+    rng = np.random.default_rng(2)
+    anatomy = data.random_anatomy(rng)
+    labels = data.render_labels(anatomy, data.atrophy(anatomy, 70, 0.0))
+    t1 = write_nifti(tmp_path / "t1.nii.gz", data.render_t1(labels, anatomy, rng), data.synth_affine())
+    apart = {}
+    for warp_mm in (0.0, 4.0):
+        rows, _ = data.check_cohort(data.synthesize(tmp_path / str(warp_mm), 2, 0, t1, warp_mm).parent)
+        first, second = (nib.load(next(r["path"] for r in rows if r["subject"] == s)).get_fdata()
+                         for s in ("sub-0000", "sub-0001"))
+        apart[warp_mm] = np.abs(first - second).mean()
+    assert apart[0.0] < 0.5 * apart[4.0], apart  # unwarped, two subjects differ by their atrophy, gain and noise
+
+
 def test_t1_contrast_orders_tissues():
     rng = np.random.default_rng(1)
     anatomy = data.random_anatomy(rng)

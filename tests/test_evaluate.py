@@ -20,7 +20,7 @@ import ldae  # noqa: E402
 from conftest import load, run_script  # noqa: E402
 from evaluate import (Config, atrophy_reference, cohort_measures, intensity_histogram,  # noqa: E402
                       latent_readout, main, open_run, other_subject_partner, stage2b_loss_by_y_sem,
-                      untrained_encoder, write_png)
+                      untrained_encoder, within_subject_bound, write_png)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the in-process calls: one thread, like the subprocesses
 
@@ -225,6 +225,7 @@ def test_reconstruct_scores_autoencoder_and_ldae_per_step_count(run):
     readout = result["latent_readout"]
     assert readout["y_sem"] <= 1 and readout["latent_pca"] <= 1 and readout["l2"] > 0
     assert losses["gap_over_bound"] == pytest.approx(losses["mean_gap_other_minus_own"] / losses["perfect_code_bound"])
+    assert losses["within_subject_share"] == pytest.approx(losses["within_subject_bound"] / losses["perfect_code_bound"])
     versus = result["random_zT_own_vs_other_subject"]
     assert versus["ssim_own_mean"] == pytest.approx(result["ldae_random_zT"]["ssim"])
     assert 0 <= versus["own_better_fraction"] <= 1 and -1 < versus["ssim_other_mean"] <= 1
@@ -258,6 +259,23 @@ def test_stage2b_loss_by_y_sem_tells_an_estimator_that_ignores_y_sem_from_one_th
     assert len({used[name] for name in names}) == 5, used
     assert used["mean_gap_other_minus_own"] == pytest.approx(used["other_subject_y_sem"] - used["own_y_sem"])
     assert "other_subject_y_sem" not in stage2b_loss_by_y_sem(using, z0, y_sem, seed=0)
+
+
+def test_within_subject_bound_counts_only_what_changes_between_a_subjects_visits():
+    g = torch.Generator().manual_seed(0)
+    subjects = ["a", "a", "b", "b", "b", "c"]
+    anatomy = 3 * torch.randn(3, 2, 4, 4, 4, generator=g)[[0, 0, 1, 1, 1, 2]]  # one latent per subject
+    visits = 0.3 * torch.randn(6, 2, 4, 4, 4, generator=g)
+    fake = lambda latents: SimpleNamespace(rows=[{"subject": s} for s in subjects], latents=latents,
+                                           diffusion=ldae.Diffusion())
+    # every visit of a subject the same: nothing to know per visit
+    assert within_subject_bound(fake(anatomy), range(6)) == pytest.approx(0, abs=1e-9)
+    by_hand = torch.cat([(visits[:2] - visits[:2].mean(0)) * 2 ** 0.5,
+                         (visits[2:5] - visits[2:5].mean(0)) * 1.5 ** 0.5])
+    within = within_subject_bound(fake(anatomy + visits), range(6))
+    assert within == pytest.approx(float(ldae.Diffusion().code_saving(by_hand).mean()))
+    assert 0 < within < float(ldae.Diffusion().code_saving(anatomy + visits).mean())
+    assert within_subject_bound(fake(anatomy + visits), [0, 2, 5]) is None  # no subject seen twice
 
 
 def test_other_subject_partner_never_pairs_two_scans_of_one_subject():
