@@ -33,6 +33,14 @@ def write_nifti(path, array, affine=None):
     return path
 
 
+def write_procedural_t1(path, seed=2):
+    """A skull-stripped T1 of one procedural brain, for --from; returns (path, its label map)."""
+    rng = np.random.default_rng(seed)
+    anatomy = data.random_anatomy(rng)
+    labels = data.render_labels(anatomy, data.atrophy(anatomy, 70, 0.0))
+    return write_nifti(path, data.render_t1(labels, anatomy, rng), data.synth_affine()), labels
+
+
 def write_csv(path, rows, columns=("subject", "session", "path", "diagnosis", "age")):
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
@@ -286,10 +294,7 @@ def test_synthetic_disease_and_age_effects_have_the_right_sign():
 
 
 def test_a_cohort_warped_from_one_t1_gains_csf_with_disease_and_refuses_a_scan_it_cannot_use(tmp_path, monkeypatch):
-    rng = np.random.default_rng(2)
-    anatomy = data.random_anatomy(rng)
-    labels = data.render_labels(anatomy, data.atrophy(anatomy, 70, 0.0))
-    t1 = write_nifti(tmp_path / "t1.nii.gz", data.render_t1(labels, anatomy, rng), data.synth_affine())
+    t1, labels = write_procedural_t1(tmp_path / "t1.nii.gz")
     # Two visits a year apart, the second with severe disease: tissue gives way to CSF, most of all around the
     # ventricles (found from the T1's intensities alone).
     monkeypatch.setattr(data, "_visit_plan", lambda rng, diagnosis: [(0, 70.0, 0.0), (12, 71.0, 1.5)])
@@ -311,10 +316,7 @@ def test_a_cohort_warped_from_one_t1_gains_csf_with_disease_and_refuses_a_scan_i
 
 
 def test_warp_mm_sets_how_far_apart_the_subjects_brains_lie(tmp_path):
-    rng = np.random.default_rng(2)
-    anatomy = data.random_anatomy(rng)
-    labels = data.render_labels(anatomy, data.atrophy(anatomy, 70, 0.0))
-    t1 = write_nifti(tmp_path / "t1.nii.gz", data.render_t1(labels, anatomy, rng), data.synth_affine())
+    t1, _ = write_procedural_t1(tmp_path / "t1.nii.gz")
     apart = {}
     for warp_mm in (0.0, 4.0):
         rows, _ = data.check_cohort(data.synthesize(tmp_path / str(warp_mm), 2, 0, t1, warp_mm).parent)
