@@ -1244,9 +1244,13 @@ def task_summary(run, cfg):
     def off_cell(losses):  # reconstruct.json files written before the estimator-off loss was added lack it
         return f"{losses['estimator_off']:.5f}" if "estimator_off" in losses else "-"
 
+    def encoded_cell(result):  # the README's row is at 100 steps; a --steps-list without 100 gives its most
+        steps = max(int(k.removeprefix("ldae_S")) for k in result if k.startswith("ldae_S"))
+        return f"{result['autoencoder']['ssim']:.3f} / {result[f'ldae_S{steps}']['ssim']:.3f}" + (
+            "" if steps == 100 else f" ({steps} steps)")
+
     rows.append(["stage-1 validation SSIM", f"{ldae.load_checkpoint(run.path / 'ae.pt')['val_ssim']:.3f}"])
-    row("reconstruction SSIM: autoencoder / LDAE, DDIM-encoded z_T, 100 steps", "reconstruct",
-        lambda r: f"{r['autoencoder']['ssim']:.3f} / {r['ldae_S100']['ssim']:.3f}")
+    row("reconstruction SSIM: autoencoder / LDAE, DDIM-encoded z_T, 100 steps", "reconstruct", encoded_cell)
     row("LDAE from y_sem and a random z_T, SSIM", "reconstruct", lambda r: f"{r['ldae_random_zT']['ssim']:.3f}")
     row("same z_T, own y_sem closer to the scan than another subject's", "reconstruct",
         lambda r: f"{r['random_zT_own_vs_other_subject']['own_better_fraction']:.0%} of scans")

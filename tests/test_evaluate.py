@@ -225,7 +225,8 @@ def test_reconstruct_scores_autoencoder_and_ldae_per_step_count(run):
     readout = result["latent_readout"]
     assert readout["y_sem"] <= 1 and readout["latent_pca"] <= 1 and readout["l2"] > 0
     assert losses["gap_over_bound"] == pytest.approx(losses["mean_gap_other_minus_own"] / losses["perfect_code_bound"])
-    assert losses["within_subject_share"] == pytest.approx(losses["within_subject_bound"] / losses["perfect_code_bound"])
+    assert losses["within_subject_share"] == pytest.approx(losses["within_subject_bound"]
+                                                           / losses["perfect_code_bound"])
     versus = result["random_zT_own_vs_other_subject"]
     assert versus["ssim_own_mean"] == pytest.approx(result["ldae_random_zT"]["ssim"])
     assert 0 <= versus["own_better_fraction"] <= 1 and -1 < versus["ssim_other_mean"] <= 1
@@ -418,6 +419,10 @@ def test_summary_collects_the_readme_rows_from_the_tasks_json(run):
     cell = dict(result["rows"])["DDPM samples: SSIM / latent distance to the nearest training scan (test scans)"]
     assert cell.startswith(f"{sample['nearest_training_ssim']['samples']:.3f} / ")
     assert len(result["missing"]) == 6
+    reconstruct = evaluate(run, "reconstruct", "--steps-list", "2,3")  # not the README's 100: the row says so
+    rows = dict(evaluate(run, "summary")["rows"])
+    cell = rows["reconstruction SSIM: autoencoder / LDAE, DDIM-encoded z_T, 100 steps"]
+    assert cell == f"{reconstruct['autoencoder']['ssim']:.3f} / {reconstruct['ldae_S3']['ssim']:.3f} (3 steps)"
     ad = evaluate(run, "ad")  # 8 subjects: the test split's figures, each baseline in the row's order
     rows = dict(evaluate(run, "summary")["rows"])
     cell = rows["AD vs CN ROC-AUC (5-fold): y_sem / untrained encoder / PCA / AE latent / histogram (measured atrophy)"]
