@@ -204,8 +204,9 @@ def pca_transform(X, mean, components):
 def intensity_histogram(x, bins=32, floor=0.02):
     """Scans (B, ...) in [0, 1] -> (B, bins): the share of each scan's voxels above `floor` (the background) that
     falls in each of `bins` equal intervals of (floor, 1]: the scan's tissue composition."""
-    inside = x.flatten(1) > floor
-    index = ((x.flatten(1) - floor) / (1 - floor) * bins).long().clamp(0, bins - 1)
+    flat = x.flatten(1)
+    inside = flat > floor
+    index = ((flat - floor) / (1 - floor) * bins).long().clamp(0, bins - 1)
     counts = torch.zeros(x.shape[0], bins, device=x.device).scatter_add_(1, index, inside.float())
     return counts / inside.sum(1, keepdim=True).clamp(min=1)
 
@@ -674,16 +675,13 @@ def task_reconstruct(run, cfg):
     result["latent_readout"] = latent_readout(run, semantic(run, train, cfg.batch_size, "y_sem of training scans"),
                                               train, y_sem.cpu(), indices)
     losses = stage2b_loss_by_y_sem(run, run.latents[indices], y_sem, cfg.seed, partner)
-    # how much a y_sem that knew each latent exactly could save, on a Gaussian model of the training latents
-    losses["perfect_code_bound"] = float(run.diffusion.code_saving(run.latents[train]).mean())
-    # of that, the part a code could save by knowing each visit once it knows the subject (docs/results.md)
-    within = within_subject_bound(run, train)
-    losses["within_subject_bound"] = within
-    losses["within_subject_share"] = (within / losses["perfect_code_bound"]
-                                      if within is not None and losses["perfect_code_bound"] > 0 else None)
+    # how much a y_sem that knew each latent exactly could save, on a Gaussian model of the training latents, and of
+    # that the part a code could save by knowing each visit once it knows the subject (docs/results.md)
+    bound, within = float(run.diffusion.code_saving(run.latents[train]).mean()), within_subject_bound(run, train)
+    share = lambda part: part / bound if part is not None and bound > 0 else None
+    losses |= {"perfect_code_bound": bound, "within_subject_bound": within, "within_subject_share": share(within)}
     if partner:
-        gap, bound = losses["mean_gap_other_minus_own"], losses["perfect_code_bound"]
-        losses["gap_over_bound"] = gap / bound if bound > 0 else None
+        losses["gap_over_bound"] = share(losses["mean_gap_other_minus_own"])
         ssim_own = [m["ssim"] for m in per_scan["ldae_random_zT"]]
         result["random_zT_own_vs_other_subject"] = {
             "own_better_fraction": sum(a > b for a, b in zip(ssim_own, ssim_other_subject)) / len(ssim_own),
