@@ -1031,7 +1031,8 @@ def task_variations(run, cfg):
     files = [f"{name}_reconstruction.nii.gz"] + [f"{name}_variation{k}.nii.gz" for k in range(cfg.n)]
     for volume, file in zip([recon[0, 0], *samples[:, 0]], files):
         data.save_like(volume, meta, out_dir / file)
-    montage(out_dir / f"{name}.png", [[(x[0, 0], "image")], [(recon[0, 0], "image")]] + [[(s[0], "image")] for s in samples])
+    montage(out_dir / f"{name}.png",
+            [[(x[0, 0], "image")], [(recon[0, 0], "image")]] + [[(s[0], "image")] for s in samples])
     to_input = image_metrics(samples, x.expand_as(samples))
     pairs = [(a, b) for a in range(cfg.n) for b in range(a + 1, cfg.n)]
     between = [float(ldae.ssim3d(samples[[a]], samples[[b]])) for a, b in pairs]
@@ -1242,6 +1243,10 @@ def task_summary(run, cfg):
     def off_cell(losses):  # reconstruct.json files written before the estimator-off loss was added lack it
         return f"{losses['estimator_off']:.5f}" if "estimator_off" in losses else "-"
 
+    def within_cell(losses):  # None where no training subject has two visits; absent in older reconstruct.json
+        share = losses.get("within_subject_share")
+        return "-" if share is None else f"{share:.1%}"
+
     def encoded_cell(result):  # the README's row is at 100 steps; a --steps-list without 100 gives its most
         steps = max(int(k.removeprefix("ldae_S")) for k in result if k.startswith("ldae_S"))
         return f"{result['autoencoder']['ssim']:.3f} / {result[f'ldae_S{steps}']['ssim']:.3f}" + (
@@ -1258,6 +1263,8 @@ def task_summary(run, cfg):
     row("that gap / what a perfect code could save", "reconstruct",
         lambda r: "{mean_gap_other_minus_own:.4f} / {perfect_code_bound:.4f} ({gap_over_bound:.0%})".format(
             **r["stage2b_loss"]))
+    row("share of that bound between one subject's visits (room for the atrophy)", "reconstruct",
+        lambda r: within_cell(r["stage2b_loss"]))
     row("y_sem spread / magnitude / effective rank (test scans)", "reconstruct",
         lambda r: "{spread:.2f} / {magnitude:.2f} / {effective_rank:.1f}".format(**r["y_sem_spread"]))
     row("AD vs CN ROC-AUC (5-fold): y_sem / untrained encoder / PCA / AE latent / histogram (measured atrophy)",

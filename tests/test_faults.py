@@ -320,5 +320,6 @@ def test_weights_of_another_encoder_are_refused_with_the_file_name(tmp_path):
     """A checkpoint of the slice encoder (encoder_volume=()) loaded into a preset's 3D CNN encoder."""
     tiny = ldae.PRESETS["tiny"]
     slices = dataclasses.replace(tiny, encoder_volume=())
-    with pytest.raises(ldae.CheckpointError, match=r"ldae.pt: its semantic encoder does not fit this preset's networks"):
+    message = r"ldae.pt: its semantic encoder does not fit this preset's networks"
+    with pytest.raises(ldae.CheckpointError, match=message):
         ldae.load_weights(tiny.encoder(), slices.encoder().state_dict(), tmp_path / "ldae.pt", "semantic encoder")

@@ -304,7 +304,8 @@ def test_ssim_matches_the_formula_on_a_constant_shift():
     # Two constant volumes a, b: every window has zero variance, so SSIM = (2ab + c1) / (a^2 + b^2 + c1).
     a, b, c1 = 0.5, 0.3, 0.01**2
     x, y = torch.full((1, 1, 9, 9, 9), a), torch.full((1, 1, 9, 9, 9), b)
-    assert ldae.ssim3d(x, y).item() == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), rel=1e-4)  # float32 windows
+    expected = (2 * a * b + c1) / (a * a + b * b + c1)
+    assert ldae.ssim3d(x, y).item() == pytest.approx(expected, rel=1e-4)  # float32 windows
 
 
 def test_ssim_under_bfloat16_autocast_is_the_float32_value():
