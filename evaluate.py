@@ -708,17 +708,22 @@ def latent_readout(run, y_train, train, y_test, test):
             "latent_pca": explained(pca_transform(L_test, mean, components) @ components + mean)}
 
 
+def scans_by_subject(run, indices):
+    """{subject: its scans among indices, in the order given}."""
+    by_subject = {}
+    for i in indices:
+        by_subject.setdefault(run.rows[i]["subject"], []).append(i)
+    return by_subject
+
+
 def within_subject_bound(run, indices):
     """The perfect-code bound (Diffusion.code_saving) of the scans' latents about their own subject's mean latent:
     what a code could save by knowing each visit once it knows whose scan it is. That is the change between visits
     (atrophy, and whatever else differs from scan to scan), not the subject's anatomy. Subjects seen once drop out;
     each deviation is scaled by sqrt(n / (n - 1)), n the subject's scans, so its variance is unbiased. None when
     no subject has two scans."""
-    by_subject = {}
-    for i in indices:
-        by_subject.setdefault(run.rows[i]["subject"], []).append(i)
     deviations = [(run.latents[s] - run.latents[s].mean(0)) * math.sqrt(len(s) / (len(s) - 1))
-                  for s in by_subject.values() if len(s) > 1]
+                  for s in scans_by_subject(run, indices).values() if len(s) > 1]
     if not deviations:
         return None
     return float(run.diffusion.code_saving(torch.cat(deviations)).mean())
@@ -968,10 +973,8 @@ def task_manipulate(run, cfg):
 def task_interpolate(run, cfg):
     """For each test subject with >= 3 visits and every (i, j >= i + 2, i < k < j): decode LERP(y) and
     SLERP(z_T) at a = (m_k - m_i) / (m_j - m_i); score against the real middle scan, per gap m_k - m_i."""
-    visits = {}
-    for i in run.indices("test"):
-        visits.setdefault(run.rows[i]["subject"], []).append(i)
-    subjects = {s: sorted(v, key=lambda i: run.rows[i]["months"]) for s, v in visits.items() if len(v) >= 3}
+    subjects = {s: sorted(v, key=lambda i: run.rows[i]["months"])
+                for s, v in scans_by_subject(run, run.indices("test")).items() if len(v) >= 3}
     if not subjects:
         raise SystemExit(f"error: no test subject of {run.path / 'ae.pt'} has 3 or more visits; interpolation "
                          "needs them")
